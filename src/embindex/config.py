@@ -1,0 +1,174 @@
+"""Job configuration: the pydantic schema of a YAML job config, validated before any worker starts."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .storage import StorageOptions
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(_Section):
+    """Where the corpus is and how its rows map to documents."""
+
+    uri: str
+    format: Literal["auto", "parquet", "jsonl", "text"] = "auto"
+    id_column: str = "id"
+    text_column: str = "text"
+    metadata_columns: list[str] | None = None  # None: every other column
+    max_text_bytes: int = Field(1_000_000, gt=0)
+    text_extensions: list[str] = [".txt", ".md", ".rst"]
+    storage: dict[str, Any] = Field(default_factory=dict)
+    blocks: int | None = Field(None, gt=0, description="Ray Data read parallelism (override_num_blocks)")
+
+    def storage_options(self) -> StorageOptions:
+        return StorageOptions.from_dict(self.storage)
+
+
+class ModelConfig(_Section):
+    """Which model family and checkpoint, and how to call it."""
+
+    name: str = "hf-encoder"
+    path: str = "builtin:all-MiniLM-L6-v2"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_length: int | None = Field(None, gt=0)
+    task: str | None = None
+    role: Literal["document", "query"] = "document"
+    pooling: Literal["auto", "mean", "cls", "last"] = "auto"
+    storage: dict[str, Any] = Field(default_factory=dict)
+    cache_dir: str | None = None
+
+    def storage_options(self) -> StorageOptions:
+        return StorageOptions.from_dict(self.storage)
+
+
+class LateChunkingConfig(_Section):
+    chunker: Literal["tokens", "sentences", "paragraphs"] = "sentences"
+    chunk_size: int = 256
+    overlap: int = 0
+
+
+class OutputsConfig(_Section):
+    single: bool = True
+    multivector: bool = False
+    late_chunking: LateChunkingConfig | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> "OutputsConfig":
+        if self.multivector or self.late_chunking is not None:
+            raise ValueError(
+                "outputs.multivector and outputs.late_chunking are not supported by this version yet; "
+                "use outputs.single"
+            )
+        if not self.single:
+            raise ValueError("outputs.single must be true (it is the only output this version writes)")
+        return self
+
+
+Tier = int | Literal["full"]
+
+
+class IndexConfig(_Section):
+    uri: str
+    tiers: list[Tier] = [64, 128, 256, "full"]
+    factory: str | dict[str, str] = "auto"
+    metric: Literal["ip"] = "ip"
+    quality_sample: int = Field(1000, ge=0)
+    rescore: int = Field(10, ge=1, description="shortlist = k * rescore, rescored at full width")
+    storage: dict[str, Any] = Field(default_factory=dict)
+
+    def storage_options(self) -> StorageOptions:
+        return StorageOptions.from_dict(self.storage)
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers(cls, v: list[Tier]) -> list[Tier]:
+        if not v:
+            raise ValueError("index.tiers needs at least one tier")
+        ints = [t for t in v if t != "full"]
+        if any(t <= 0 for t in ints):
+            raise ValueError("index.tiers must be positive widths or 'full'")
+        return v
+
+    def factory_for(self, dim: int) -> str:
+        if isinstance(self.factory, str):
+            return self.factory
+        return self.factory.get(str(dim), self.factory.get("default", "auto"))
+
+
+class ResourcesConfig(_Section):
+    actors: int = Field(1, ge=1)
+    cpus_per_actor: float | None = Field(None, gt=0)
+    gpus_per_actor: float | None = Field(None, ge=0)
+    batch_tokens: int = Field(16384, gt=0, description="max padded tokens per forward batch")
+    rows_per_actor_call: int = Field(1024, gt=0)
+    ray_address: str | None = None
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray started in-process")
+    torch_threads: int | None = Field(None, gt=0)
+
+
+class RunConfig(_Section):
+    id: str | None = None
+    resume: bool = False
+    progress: bool = True
+
+
+class JobConfig(_Section):
+    source: SourceConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    index: IndexConfig
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+
+def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if nxt is None:
+            nxt = cur[k] = {}
+        if not isinstance(nxt, dict):
+            raise ValueError(f"cannot set {dotted!r}: {k!r} is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'index.tiers=[64,128]' -> ('index.tiers', [64, 128]); values are parsed as YAML."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(
+    config: str | Path | dict[str, Any] | JobConfig,
+    overrides: dict[str, Any] | None = None,
+) -> JobConfig:
+    """Load a job config from YAML (path) or dict, apply dotted overrides, validate."""
+    if isinstance(config, JobConfig):
+        if not overrides:
+            return config
+        data = config.model_dump()
+    elif isinstance(config, dict):
+        data = copy.deepcopy(config)
+    else:
+        path = Path(config)
+        if not path.exists():
+            raise FileNotFoundError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a job config must be a mapping")
+    for key, value in (overrides or {}).items():
+        _set_path(data, key, value)
+    return JobConfig.model_validate(data)

@@ -1,0 +1,173 @@
+"""The model-family interface: a light tokenizer (CPU tasks) and a torch encoder (embed actors).
+
+Pure torch/transformers: nothing here knows about Ray, storage or the index. A family is given a
+local checkpoint directory and a `ModelSpec`; it validates the checkpoint and fails early with a
+clear message when it does not support it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Sequence
+
+import numpy as np
+import torch
+
+Role = Literal["query", "document"]
+ROLES: tuple[Role, ...] = ("query", "document")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the caller asks of a model (a subset of the job's `model` config)."""
+
+    name: str
+    path: str  # local directory of the checkpoint
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    max_length: int | None = None
+    task: str | None = None
+    pooling: str = "auto"
+
+
+@dataclass
+class ModelInfo:
+    """Facts the index manifest records about a loaded model."""
+
+    family: str
+    dim: int
+    max_length: int
+    pooling: str
+    tasks: list[str] = field(default_factory=list)
+    matryoshka_dims: list[int] | None = None
+    prefixes: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelError(ValueError):
+    """A checkpoint or request the model code does not support."""
+
+
+class TextTokenizer(ABC):
+    """Turns texts into token ids (prefixes, special tokens and truncation included)."""
+
+    pad_token_id: int
+
+    @abstractmethod
+    def __call__(self, texts: Sequence[str], role: Role, task: str | None = None) -> list[np.ndarray]:
+        """One int array of token ids per text."""
+
+
+class TextEncoder(ABC):
+    """A torch model that maps padded token ids to one pooled fp32 vector per row."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @abstractmethod
+    def forward_pooled(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None
+    ) -> torch.Tensor:
+        """[B, L] ids and mask -> [B, D] fp32, not normalized."""
+
+    def forward_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Multi-vector families: [B, L] -> ([B, L, d] fp32 per-token vectors, [B, L] bool keep mask).
+
+        The keep mask says which token vectors are stored (padding and, e.g., ColBERT's punctuation
+        skiplist are dropped). Single-vector families raise."""
+        raise NotImplementedError(f"{type(self).__name__} has no multi-vector output")
+
+
+class ModelFamily(ABC):
+    """A registered family: validates a checkpoint directory and builds its tokenizer and encoder."""
+
+    name: ClassVar[str]
+
+    def __init__(self, spec: ModelSpec):
+        if not os.path.isdir(spec.path):
+            raise ModelError(f"model path {spec.path!r} is not a directory")
+        self.spec = spec
+
+    @abstractmethod
+    def info(self) -> ModelInfo: ...
+
+    @abstractmethod
+    def load_tokenizer(self) -> TextTokenizer: ...
+
+    @abstractmethod
+    def load_encoder(self, device: str | torch.device | None = None) -> TextEncoder: ...
+
+    def check_task(self, task: str | None) -> None:
+        tasks = self.info().tasks
+        if task is not None and task not in tasks:
+            raise ModelError(
+                f"model family {self.name!r} has no task {task!r}; "
+                + (f"choose one of {tasks}" if tasks else "it takes no task")
+            )
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto': bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def checkpoint_hash(path: str, patterns: Sequence[str] = (".json", ".safetensors", ".txt", ".model")) -> str:
+    """sha256 over the checkpoint's config, tokenizer and weight files (names and contents)."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            if not name.endswith(tuple(patterns)):
+                continue
+            full = os.path.join(root, name)
+            h.update(os.path.relpath(full, path).encode())
+            with open(full, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean over the sequence, in fp32."""
+    h = hidden.float()
+    m = mask.to(h.dtype).unsqueeze(-1)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def cls_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return hidden[:, 0].float()
+
+
+def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The last attended token of each row, correct for left or right padding."""
+    if bool(mask[:, -1].all()):
+        return hidden[:, -1].float()
+    last = mask.long().cumsum(1).argmax(1)  # index of the last 1 in each row
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+
+
+POOLERS = {"mean": mean_pool, "cls": cls_pool, "last": last_token_pool}

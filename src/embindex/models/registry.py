@@ -1,0 +1,31 @@
+"""Model families by name (`model.name` in a job config). Imports are lazy: a family's module loads
+only when it is asked for."""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import ModelError, ModelFamily, ModelSpec
+
+# name -> "module:Class" under embindex.models
+FAMILIES: dict[str, str] = {
+    "hf-encoder": "hf_encoder:HFEncoderFamily",
+    "jina-embeddings-v3": "jina_embeddings_v3:JinaEmbeddingsV3Family",
+    "jina-colbert-v2": "jina_colbert_v2:JinaColbertV2Family",
+    "jina-code-embeddings": "jina_code_embeddings:JinaCodeEmbeddingsFamily",
+    "jina-embeddings-v2": "jina_embeddings_v2:JinaEmbeddingsV2Family",
+}
+
+
+def family_class(name: str) -> type[ModelFamily]:
+    try:
+        target = FAMILIES[name]
+    except KeyError:
+        raise ModelError(f"unknown model family {name!r}; registered: {sorted(FAMILIES)}") from None
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(f"embindex.models.{module}"), cls)
+
+
+def load_family(spec: ModelSpec) -> ModelFamily:
+    """Validate the checkpoint at `spec.path` for the family `spec.name` and return the family."""
+    return family_class(spec.name)(spec)

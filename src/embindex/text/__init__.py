@@ -1,0 +1,1 @@
+"""Text preparation: tokenization helpers and token-budget batching."""
