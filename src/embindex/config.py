@@ -83,6 +83,7 @@ class IndexConfig(_Section):
     metric: Literal["ip"] = "ip"
     quality_sample: int = Field(1000, ge=0)
     rescore: int = Field(10, ge=1, description="shortlist = k * rescore, rescored at full width")
+    shard_rows: int = Field(50_000, gt=0, description="documents per Parquet shard (at most)")
     storage: dict[str, Any] = Field(default_factory=dict)
 
     def storage_options(self) -> StorageOptions:

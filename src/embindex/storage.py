@@ -134,14 +134,14 @@ class Storage:
     def uri(self, *parts: str) -> str:
         return join(self.root, *parts)
 
-    def _path(self, rel: str) -> str:
+    def fs_path(self, rel: str) -> str:
         return strip_scheme(self.uri(rel))
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self._path(rel))
+        return self.fs.exists(self.fs_path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open(self._path(rel), "rb") as f:
+        with self.fs.open(self.fs_path(rel), "rb") as f:
             return f.read()
 
     def read_text(self, rel: str) -> str:
@@ -149,7 +149,7 @@ class Storage:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Whole-object write: atomic on object stores (one PUT); temp file + rename locally."""
-        path = self._path(rel)
+        path = self.fs_path(rel)
         if not is_remote(self.root):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.tmp-{os.getpid()}"
@@ -166,7 +166,7 @@ class Storage:
         self.write_bytes(rel, text.encode("utf-8"))
 
     def listdir(self, rel: str) -> list[str]:
-        path = self._path(rel)
+        path = self.fs_path(rel)
         if not self.fs.exists(path):
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))

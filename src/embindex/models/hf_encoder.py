@@ -72,7 +72,9 @@ class HFTokenizer(TextTokenizer):
 class HFEncoder(TextEncoder):
     def __init__(self, path: str, pooling: str, device: torch.device, dtype: torch.dtype):
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
         self.device, self.dtype = device, dtype
         self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
         self.model.to(device).eval()

@@ -1,0 +1,254 @@
+"""Assemble and run one build: read -> normalize -> tokenize -> embed -> write shards -> tiers -> publish."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .checkpoints import model_spec
+from .config import JobConfig, load_config
+from .embed.stages import EmbedActor, default_torch_threads, tokenize_batch
+from .index import layout, tiers
+from .index.manifest import Counts, Manifest, ModelEntry, RejectsEntry, ShardEntry, TierEntry
+from .index.publish import latest_version, next_version, publish
+from .index.shards import read_table, vectors_of, write_shard
+from .models import load_family
+from .models.base import checkpoint_hash
+from .sources.normalize import mark_duplicates
+from .sources.readers import read_corpus
+from .storage import Storage
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class BuildResult:
+    index_uri: str
+    version: str
+    manifest_uri: str
+    counts: dict[str, int]
+    timings: dict[str, float]
+    manifest: Manifest = field(repr=False)
+
+    def summary(self) -> str:
+        c = self.counts
+        return (
+            f"published {self.version} at {self.index_uri}\n"
+            f"  rows in {c['rows_in']}: indexed {c['documents']}, rejected {c['rejected']}; "
+            f"chunks {c['chunks']}, vectors {c['vectors']}\n"
+            f"  wall time {self.timings['total_s']:.1f}s (embed+write {self.timings['pipeline_s']:.1f}s, "
+            f"tiers {self.timings['tiers_s']:.1f}s)\n"
+            f"  manifest {self.manifest_uri}"
+        )
+
+
+class ReconciliationError(RuntimeError):
+    """Rows in != documents indexed + rows rejected, or an id indexed twice: nothing is published."""
+
+
+@contextmanager
+def ray_session(cfg: JobConfig) -> Iterator[None]:
+    """Use a running Ray, connect to `resources.ray_address`, or start a local one in-process."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    res = cfg.resources
+    if res.ray_address:
+        ray.init(address=res.ray_address, log_to_driver=False)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private in-process cluster
+        ncpu = os.cpu_count() or 2
+        ray.init(num_cpus=res.num_cpus or ncpu + 1, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _run_id(cfg: JobConfig) -> str:
+    if cfg.run.id:
+        return cfg.run.id
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def _count_and_find_duplicates(ds: Any) -> tuple[int, set[str]]:
+    """First pass over the normalized rows: total rows and ids that occur more than once among documents."""
+
+    seen: Counter[str] = Counter()
+    rows = 0
+    for batch in ds.select_columns(["id", "reject"]).iter_batches(batch_format="pyarrow", batch_size=None):
+        rows += batch.num_rows
+        seen.update(batch.filter(pc.is_null(batch.column("reject"))).column("id").to_pylist())
+    return rows, {i for i, n in seen.items() if n > 1}
+
+
+def _resources(cfg: JobConfig) -> tuple[float, float, int]:
+    import ray
+
+    res = cfg.resources
+    gpus = res.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    cpus = res.cpus_per_actor
+    if cpus is None:
+        cpus = 1.0 if gpus else float(os.cpu_count() or 1)
+    threads = res.torch_threads or default_torch_threads(cpus)
+    return cpus, gpus, threads
+
+
+def build(
+    config: str | os.PathLike | dict[str, Any] | JobConfig,
+    overrides: dict[str, Any] | None = None,
+    log: Log | None = _stderr,
+) -> BuildResult:
+    """Build and publish a new index version from a job config (path, dict or JobConfig)."""
+    import ray
+    import ray.data
+
+    log = log or (lambda _m: None)
+    cfg = load_config(config, overrides)
+    t0 = time.perf_counter()
+    spec = model_spec(cfg.model)
+    family = load_family(spec)
+    family.check_task(cfg.model.task)
+    info = family.info()
+    tier_dims = tiers.resolve_tiers(cfg.index.tiers, info.dim)
+    ckpt_hash = checkpoint_hash(spec.path)
+    store = Storage(cfg.index.uri, cfg.index.storage_options())
+    run_id = _run_id(cfg)
+    model_json = cfg.model.model_dump_json()
+    query_task = getattr(family, "query_task_for", lambda t: t)(cfg.model.task)
+
+    with ray_session(cfg):
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = bool(cfg.run.progress and sys.stderr.isatty())
+        ctx.verbose_progress = False
+        cpus, gpus, threads = _resources(cfg)
+
+        log(f"[embindex] run {run_id}: reading {cfg.source.uri}")
+        ds, fmt, files = read_corpus(cfg.source)
+        rows_in, duplicates = _count_and_find_duplicates(ds)
+        log(f"[embindex] {rows_in} rows in {len(files)} {fmt} file(s); {len(duplicates)} duplicated id(s)")
+        t_read = time.perf_counter()
+
+        rows_per_call = cfg.resources.rows_per_actor_call
+        if duplicates:
+            ds = ds.map_batches(mark_duplicates, batch_format="pyarrow",
+                                fn_kwargs={"duplicate_ids": frozenset(duplicates)})
+        ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=rows_per_call,
+                            fn_kwargs={"model_json": model_json, "role": cfg.model.role, "task": cfg.model.task})
+        ds = ds.map_batches(
+            EmbedActor,
+            fn_constructor_kwargs={"model_json": model_json, "task": cfg.model.task,
+                                   "batch_tokens": cfg.resources.batch_tokens, "torch_threads": threads},
+            compute=ray.data.ActorPoolStrategy(size=cfg.resources.actors),
+            batch_size=rows_per_call, batch_format="pyarrow", num_cpus=cpus, num_gpus=gpus,
+        )
+        ds = ds.map_batches(write_shard, batch_format="pyarrow", batch_size=cfg.index.shard_rows,
+                            fn_kwargs={"root": cfg.index.uri, "storage": cfg.index.storage,
+                                       "run_id": run_id})
+        records: list[dict[str, Any]] = []
+        done = 0
+        t_embed = time.perf_counter()
+        for rec in ds.iter_rows():
+            records.append(rec)
+            done += rec["rows"]
+            rate = done / max(time.perf_counter() - t_embed, 1e-9)
+            log(f"[embindex] {done}/{rows_in} rows written ({rate:.0f} rows/s)")
+        t_pipe = time.perf_counter()
+
+    parts = sorted((r for r in records if r["kind"] == "part"), key=lambda r: r["path"])
+    rejects = sorted((r for r in records if r["kind"] == "rejects"), key=lambda r: r["path"])
+    n_docs = sum(r["rows"] for r in parts)
+    n_rej = sum(r["rows"] for r in rejects)
+    if n_docs + n_rej != rows_in:
+        raise ReconciliationError(f"rows in {rows_in} != indexed {n_docs} + rejected {n_rej}; not published")
+
+    # Tiers: vectors of every shard, in manifest order (row ordinal = FAISS id).
+    tables = [read_table(store, p["path"], columns=["id", "vector"]) for p in parts]
+    all_ids = [i for t in tables for i in t.column("id").to_pylist()]
+    if len(set(all_ids)) != len(all_ids):
+        raise ReconciliationError("an id was indexed more than once; not published")
+    dim = info.dim
+    vectors = np.concatenate([vectors_of(t) for t in tables]) if tables else np.zeros((0, dim), np.float32)
+    tier_entries, tier_indexes = [], {}
+    for d in tier_dims:
+        factory = cfg.index.factory_for(d)
+        index, stats = tiers.build_tier(vectors, d, factory) if len(vectors) else (None, {"factory": factory})
+        rel = layout.tier_path(run_id, d)
+        if index is not None:
+            data = tiers.serialize(index)
+            store.write_bytes(rel, data)
+            tier_indexes[d] = index
+            bpv = round(len(data) / max(index.ntotal, 1), 2)
+        else:
+            bpv = None
+        tier_entries.append(TierEntry(dim=d, factory=stats["factory"], metric="ip", files=[rel],
+                                      bytes_per_vector=bpv, build_seconds=stats.get("build_seconds")))
+    quality = tiers.quality_report(vectors, tier_indexes, cfg.index.quality_sample, cfg.index.rescore)
+    t_tiers = time.perf_counter()
+
+    version = next_version(store)
+    timings = {
+        "read_s": round(t_read - t0, 3),
+        "pipeline_s": round(t_pipe - t_embed, 3),
+        "tiers_s": round(t_tiers - t_pipe, 3),
+        "total_s": round(t_tiers - t0, 3),
+    }
+    counts = Counts(rows_in=rows_in, documents=n_docs, chunks=n_docs, vectors=n_docs, rejected=n_rej)
+    manifest = Manifest(
+        version=version,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        run_id=run_id,
+        parent=latest_version(store),
+        model=ModelEntry(
+            name=cfg.model.name, path=cfg.model.path, checkpoint_hash=ckpt_hash, task=cfg.model.task,
+            query_task=query_task, max_length=info.max_length, pooling=info.pooling, dtype=cfg.model.dtype,
+            prefixes=info.prefixes,
+        ),
+        outputs=cfg.outputs.model_dump(mode="json"),
+        dim=dim,
+        tiers=tier_entries,
+        shards=[ShardEntry(path=p["path"], rows=p["rows"], bytes=p["bytes"], sha256=p["sha256"]) for p in parts],
+        rejects=[RejectsEntry(path=r["path"], rows=r["rows"], bytes=r["bytes"], sha256=r["sha256"],
+                              reasons=json.loads(r["reasons"] or "{}")) for r in rejects],
+        counts=counts,
+        quality=quality,
+        source={"uri": cfg.source.uri, "format": fmt, "files": len(files)},
+        config=json.loads(cfg.model_dump_json()),
+        timings=timings,
+    )
+    _scrub_secrets(manifest.config)
+    manifest_uri = publish(store, manifest)
+    result = BuildResult(cfg.index.uri, version, manifest_uri, counts.model_dump(), timings, manifest)
+    return result
+
+
+def _scrub_secrets(config: dict[str, Any]) -> None:
+    """Credentials never reach the manifest."""
+    for section in config.values():
+        if isinstance(section, dict) and isinstance(section.get("storage"), dict):
+            for key in ("key", "secret", "token"):
+                if section["storage"].get(key):
+                    section["storage"][key] = "***"

@@ -1,0 +1,135 @@
+"""`embindex build | search | inspect`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Offline embedding indexes on Ray.")
+
+
+def _setup_env() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code=1)
+
+
+@app.command()
+def build(
+    config: str = typer.Argument(..., help="job config YAML"),
+    set_: List[str] = typer.Option([], "--set", help="override a config key: key.path=value (repeatable)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="only the final summary"),
+) -> None:
+    """Build (or rebuild) an index and publish it as a new version."""
+    _setup_env()
+    from pydantic import ValidationError
+
+    from .build import build as run_build
+    from .config import parse_override
+
+    try:
+        overrides = dict(parse_override(s) for s in set_)
+        result = run_build(config, overrides, log=None if quiet else _log)
+    except (ValidationError, ValueError, FileNotFoundError, ImportError) as e:
+        _fail(str(e))
+        return
+    typer.echo(result.summary())
+
+
+def _log(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+@app.command()
+def search(
+    index: str = typer.Argument(..., help="index URI (local path or s3://...)"),
+    query: List[str] = typer.Argument(..., help="query text (several allowed)"),
+    k: int = typer.Option(10, "-k", help="hits per query"),
+    tier: Optional[int] = typer.Option(None, "--tier", help="ANN tier width (default: narrowest)"),
+    version: Optional[str] = typer.Option(None, "--version", help="a version other than _latest"),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines output"),
+) -> None:
+    """Search an index with one or more text queries."""
+    _setup_env()
+    from .search import open_index
+
+    try:
+        reader = open_index(index, version=version)
+        results = reader.search(query, k=k, tier=tier)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+        return
+    for q, hits in zip(query, results):
+        if as_json:
+            typer.echo(json.dumps({"query": q, "hits": [h.to_dict() for h in hits]}, ensure_ascii=False))
+            continue
+        typer.echo(f"query: {q}")
+        for rank, h in enumerate(hits, 1):
+            chunk = f" chars {h.chunk['start']}-{h.chunk['end']}" if h.chunk else ""
+            typer.echo(f"{rank:3d}. {h.score:.4f}  {h.id}{chunk}")
+
+
+@app.command()
+def inspect(
+    index: str = typer.Argument(..., help="index URI"),
+    version: Optional[str] = typer.Option(None, "--version"),
+    as_json: bool = typer.Option(False, "--json", help="print the whole manifest"),
+) -> None:
+    """Print the manifest summary: versions, tiers, shards, counts, quality."""
+    _setup_env()
+    from .index.publish import latest_version, list_versions, read_manifest
+    from .storage import Storage
+
+    store = Storage(index)
+    try:
+        m = read_manifest(store, version)
+    except FileNotFoundError as e:
+        _fail(str(e))
+        return
+    if as_json:
+        typer.echo(m.to_json())
+        return
+    latest = latest_version(store)
+    lines: list[Any] = [
+        f"index    {index}",
+        f"versions {', '.join(v + (' (latest)' if v == latest else '') for v in list_versions(store))}",
+        f"version  {m.version}  created {m.created_at}  run {m.run_id}  parent {m.parent or '-'}",
+        f"model    {m.model.name}  {m.model.path}  task={m.model.task}  pooling={m.model.pooling}  "
+        f"max_length={m.model.max_length}  {m.model.checkpoint_hash[:19]}",
+        f"source   {m.source.get('uri')} ({m.source.get('format')}, {m.source.get('files')} files)",
+        f"counts   rows in {m.counts.rows_in}, documents {m.counts.documents}, vectors {m.counts.vectors}, "
+        f"rejected {m.counts.rejected}",
+        f"shards   {len(m.shards)} parquet, {sum(s.bytes for s in m.shards) / 1e6:.2f} MB; dim {m.dim}",
+    ]
+    reasons: dict[str, int] = {}
+    for r in m.rejects:
+        for k, n in r.reasons.items():
+            reasons[k] = reasons.get(k, 0) + n
+    if reasons:
+        lines.append("rejects  " + ", ".join(f"{k}={n}" for k, n in sorted(reasons.items())))
+    q = m.quality.get("tiers", {})
+    kq = m.quality.get("k", 10)
+    lines.append(f"tiers    (recall@{kq} vs exact full width on {m.quality.get('queries', 0)} sampled queries)")
+    for t in m.tiers:
+        qt = q.get(str(t.dim), {})
+        lines.append(
+            f"  {t.dim:5d}  {t.factory:14s} {t.bytes_per_vector or 0:8.1f} B/vec  "
+            f"recall {qt.get(f'recall@{kq}', float('nan')):.3f}  rescored {qt.get(f'recall@{kq}_rescored', float('nan')):.3f}"
+        )
+    typer.echo("\n".join(str(x) for x in lines))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

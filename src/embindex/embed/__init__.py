@@ -1,0 +1,1 @@
+"""The Ray Data embedding stage: tokenization tasks and the embed actor pool."""

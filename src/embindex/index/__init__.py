@@ -1,0 +1,1 @@
+"""Index layout, Parquet shards, FAISS tiers, manifest and atomic publish."""

@@ -1,0 +1,50 @@
+"""On-disk layout of an index (a contract):
+
+    INDEX_URI/
+      _latest                          current version name, switched last
+      versions/v000001/manifest.json
+      shards/<run_id>/part-*.parquet   documents with full-width vectors (immutable)
+      shards/<run_id>/rejects-*.parquet
+      shards/<run_id>/tier-<dim>.faiss one FAISS index per Matryoshka tier
+"""
+
+from __future__ import annotations
+
+import re
+
+LATEST = "_latest"
+VERSIONS_DIR = "versions"
+SHARDS_DIR = "shards"
+MANIFEST = "manifest.json"
+VERSION_RE = re.compile(r"^v(\d{6,})$")
+
+
+def version_name(n: int) -> str:
+    return f"v{n:06d}"
+
+
+def version_number(name: str) -> int:
+    m = VERSION_RE.match(name)
+    if not m:
+        raise ValueError(f"not a version name: {name!r}")
+    return int(m.group(1))
+
+
+def manifest_path(version: str) -> str:
+    return f"{VERSIONS_DIR}/{version}/{MANIFEST}"
+
+
+def run_dir(run_id: str) -> str:
+    return f"{SHARDS_DIR}/{run_id}"
+
+
+def part_path(run_id: str, digest: str) -> str:
+    return f"{run_dir(run_id)}/part-{digest}.parquet"
+
+
+def rejects_path(run_id: str, digest: str) -> str:
+    return f"{run_dir(run_id)}/rejects-{digest}.parquet"
+
+
+def tier_path(run_id: str, dim: int) -> str:
+    return f"{run_dir(run_id)}/tier-{dim:05d}.faiss"

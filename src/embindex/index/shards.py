@@ -1,0 +1,94 @@
+"""Parquet shards: the write step of the pipeline and reading shards back.
+
+A shard holds documents (id, content_hash, meta, source, vector as fixed_size_list<float16>[dim]);
+a rejects file holds rows that were not indexed, with their reason. Each write is one whole-object
+PUT (or temp file + rename), named by a digest of its ids, and returns a record for the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..storage import Storage, StorageOptions
+from . import layout
+
+DOC_COLUMNS = ["id", "content_hash", "meta", "source", "vector"]
+REJECT_COLUMNS = ["id", "reject", "reject_detail", "source", "line"]
+
+SHARD_RECORD_SCHEMA = pa.schema(
+    [
+        pa.field("kind", pa.string()),  # "part" or "rejects"
+        pa.field("path", pa.string()),  # relative to the index root
+        pa.field("rows", pa.int64()),
+        pa.field("bytes", pa.int64()),
+        pa.field("sha256", pa.string()),
+        pa.field("reasons", pa.string()),  # JSON {reason: count} for rejects files
+    ]
+)
+
+
+def _digest(ids: list[str | None]) -> str:
+    h = hashlib.sha256()
+    for i in ids:
+        h.update((i or "\x00<null>").encode("utf-8", errors="surrogatepass"))
+        h.update(b"\x00")
+    return h.hexdigest()[:20]
+
+
+def _to_parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def _put(storage: Storage, rel: str, table: pa.Table) -> tuple[int, str]:
+    data = _to_parquet_bytes(table)
+    storage.write_bytes(rel, data)
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def write_shard(batch: pa.Table, root: str, storage: dict[str, Any], run_id: str) -> pa.Table:
+    """Ray Data map_batches step: write one batch's documents and rejects; return their records."""
+    import json
+
+    store = Storage(root, StorageOptions.from_dict(storage))
+    is_reject = pc.is_valid(batch.column("reject"))
+    docs = batch.filter(pc.invert(is_reject)).select(DOC_COLUMNS)
+    rejects = batch.filter(is_reject).select(REJECT_COLUMNS)
+    records: list[dict[str, Any]] = []
+    if docs.num_rows:
+        rel = layout.part_path(run_id, _digest(docs.column("id").to_pylist()))
+        size, sha = _put(store, rel, docs)
+        records.append({"kind": "part", "path": rel, "rows": docs.num_rows, "bytes": size, "sha256": sha,
+                        "reasons": None})
+    if rejects.num_rows:
+        keys = [f"{r}:{s}:{l}:{i}" for r, s, l, i in zip(*(rejects.column(c).to_pylist()
+                                                           for c in ("reject", "source", "line", "id")))]
+        rel = layout.rejects_path(run_id, _digest(keys))
+        size, sha = _put(store, rel, rejects)
+        counts: dict[str, int] = {}
+        for r in rejects.column("reject").to_pylist():
+            counts[r] = counts.get(r, 0) + 1
+        records.append({"kind": "rejects", "path": rel, "rows": rejects.num_rows, "bytes": size, "sha256": sha,
+                        "reasons": json.dumps(counts)})
+    return pa.Table.from_pylist(records, schema=SHARD_RECORD_SCHEMA)
+
+
+def read_table(storage: Storage, rel: str, columns: list[str] | None = None) -> pa.Table:
+    with storage.fs.open(storage.fs_path(rel), "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def vectors_of(table: pa.Table, column: str = "vector") -> np.ndarray:
+    """fixed_size_list<float16>[d] column -> [N, d] float32."""
+    col = table.column(column).combine_chunks()
+    d = col.type.list_size
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(-1, d).astype(np.float32)

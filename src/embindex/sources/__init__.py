@@ -1,0 +1,1 @@
+"""Corpus sources: readers (Ray Data over fsspec/pyarrow filesystems) and row normalization."""
