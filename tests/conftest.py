@@ -1,0 +1,93 @@
+"""Shared fixtures: one local Ray cluster per session, a real S3 server (moto) on loopback, corpora."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import socket
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+S3_KEY, S3_SECRET, S3_REGION = "testing", "testing", "us-east-1"
+
+
+def sample_docs(n: int | None = None) -> list[dict]:
+    """Real text: the bundled sample corpus (Python stdlib docstrings)."""
+    path = files("embindex") / "data" / "sample_corpus.jsonl.gz"
+    with gzip.open(str(path), "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return rows[:n] if n else rows
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session: 3 logical CPUs so read tasks never starve the actors."""
+    import ray
+    import ray.data
+
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible HTTP server (moto server mode) on a free loopback port."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    yield {"endpoint_url": endpoint, "key": S3_KEY, "secret": S3_SECRET, "region": S3_REGION}
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_server, request):
+    """A fresh bucket on the loopback server; returns (bucket name, storage options)."""
+    import boto3
+
+    name = "b-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    client = boto3.client("s3", endpoint_url=s3_server["endpoint_url"], aws_access_key_id=S3_KEY,
+                          aws_secret_access_key=S3_SECRET, region_name=S3_REGION)
+    client.create_bucket(Bucket=name)
+    return name, dict(s3_server), client
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    from embindex.checkpoints import resolve_model_path
+
+    return resolve_model_path("builtin:all-MiniLM-L6-v2")
+
+
+def job_config(source_uri: str, index_uri: str, **sections) -> dict:
+    """A small, fast job config on the bundled MiniLM (fp32 for reference-exact vectors)."""
+    cfg = {
+        "source": {"uri": source_uri},
+        "model": {"name": "hf-encoder", "path": "builtin:all-MiniLM-L6-v2", "dtype": "float32",
+                  "max_length": 128},
+        "index": {"uri": index_uri, "tiers": [32, 64, 128, "full"], "quality_sample": 100},
+        "resources": {"actors": 1, "cpus_per_actor": 1, "batch_tokens": 8192, "rows_per_actor_call": 256},
+        "run": {"progress": False},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
