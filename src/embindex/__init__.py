@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .build import BuildResult
+    from .pipeline import BuildResult
     from .search import IndexReader
 
 
 def build(config: Any, overrides: dict[str, Any] | None = None, **kwargs: Any) -> "BuildResult":
-    """Build and publish a new index version; see `embindex.build.build`."""
-    from .build import build as _build
+    """Build and publish a new index version; see `embindex.pipeline.build`."""
+    from .pipeline import build as _build
 
     return _build(config, overrides, **kwargs)
 

@@ -32,7 +32,7 @@ def build(
     _setup_env()
     from pydantic import ValidationError
 
-    from .build import build as run_build
+    from .pipeline import build as run_build
     from .config import parse_override
 
     try:
