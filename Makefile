@@ -4,9 +4,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PIP    := $(VENV)/bin/python -m pip
-# CPU torch by default; on a CUDA machine: make demo TORCH_CONSTRAINT=/dev/null
-TORCH_CONSTRAINT ?= constraints.txt
-PIP_FLAGS := -q -c $(TORCH_CONSTRAINT)
+# torch is pinned by constraints.txt to the CPU wheel (2.13.0) so that no install pulls a multi-GB
+# CUDA build. On a GPU machine with a CUDA torch already installed: make demo CONSTRAINTS=/dev/null
+CONSTRAINTS ?= constraints.txt
+PIP_FLAGS := -q -c $(CONSTRAINTS)
 
 export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
@@ -18,11 +19,9 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 install: $(VENV)/bin/python
-	$(PIP) install $(PIP_FLAGS) "torch==2.13.0" 2>/dev/null || $(PIP) install $(PIP_FLAGS) torch
 	$(PIP) install $(PIP_FLAGS) -e .
 
 install-test: $(VENV)/bin/python
-	$(PIP) install $(PIP_FLAGS) "torch==2.13.0" 2>/dev/null || $(PIP) install $(PIP_FLAGS) torch
 	$(PIP) install $(PIP_FLAGS) -e ".[test]"
 
 demo: install
