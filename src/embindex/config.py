@@ -120,6 +120,7 @@ class RunConfig(_Section):
     id: str | None = None
     resume: bool = False
     progress: bool = True
+    progress_seconds: float = Field(10.0, gt=0, description="interval of the embedded-rows progress line")
 
 
 class JobConfig(_Section):

@@ -58,7 +58,8 @@ def vectors_to_arrow(vectors: np.ndarray, valid: np.ndarray | None = None) -> pa
 class EmbedActor:
     """One model per actor; embeds the documents of each batch with token-budget sub-batches."""
 
-    def __init__(self, model_json: str, task: str | None, batch_tokens: int, torch_threads: int | None = None):
+    def __init__(self, model_json: str, task: str | None, batch_tokens: int, torch_threads: int | None = None,
+                 progress: Any = None):
         import torch
 
         if torch_threads:
@@ -70,6 +71,7 @@ class EmbedActor:
         self.dim = self.embedder.info.dim
         self.busy_s = 0.0
         self.rows = 0
+        self.progress = progress
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
@@ -84,6 +86,8 @@ class EmbedActor:
         out = batch.drop_columns(["input_ids"]).append_column(VECTOR_COLUMN, vectors_to_arrow(vectors, ~rejected))
         self.busy_s += time.perf_counter() - start
         self.rows += int(todo.size)
+        if self.progress is not None and todo.size:
+            self.progress.add.remote(int(todo.size))
         return out
 
 
