@@ -14,7 +14,6 @@ import pytest
 import embindex
 from conftest import job_config, sample_docs
 from embindex.index import layout
-from embindex.index.shards import vectors_of
 from embindex.index.tiers import truncate
 from embindex.models import ModelSpec, load_family
 from embindex.models.embedder import Embedder

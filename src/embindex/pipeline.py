@@ -16,18 +16,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from .checkpoints import model_spec
 from .config import JobConfig, load_config
 from .embed.progress import ProgressReporter
 from .embed.stages import EmbedActor, default_torch_threads, tokenize_batch
-from .index import layout, tiers
-from .index.manifest import Counts, Manifest, ModelEntry, RejectsEntry, ShardEntry, TierEntry
+from .index import tiers
+from .index.manifest import Counts, Manifest, ModelEntry, RejectsEntry, ShardEntry
 from .index.publish import latest_version, next_version, publish
-from .index.shards import read_table, vectors_of, write_shard
+from .index.shards import read_table, write_shard
+from .index.tier_builder import build_tiers
 from .models import load_family
 from .models.base import checkpoint_hash
 from .sources.normalize import mark_duplicates
@@ -198,36 +197,19 @@ def build(
                 log(f"[embindex] {done}/{rows_in} rows written ({rate:.0f} rows/s)")
         t_pipe = time.perf_counter()
 
-    parts = sorted((r for r in records if r["kind"] == "part"), key=lambda r: r["path"])
-    rejects = sorted((r for r in records if r["kind"] == "rejects"), key=lambda r: r["path"])
-    n_docs = sum(r["rows"] for r in parts)
-    n_rej = sum(r["rows"] for r in rejects)
-    if n_docs + n_rej != rows_in:
-        raise ReconciliationError(f"rows in {rows_in} != indexed {n_docs} + rejected {n_rej}; not published")
+        parts = sorted((r for r in records if r["kind"] == "part"), key=lambda r: r["path"])
+        rejects = sorted((r for r in records if r["kind"] == "rejects"), key=lambda r: r["path"])
+        n_docs = sum(r["rows"] for r in parts)
+        n_rej = sum(r["rows"] for r in rejects)
+        if n_docs + n_rej != rows_in:
+            raise ReconciliationError(f"rows in {rows_in} != indexed {n_docs} + rejected {n_rej}; not published")
 
-    # Tiers: vectors of every shard, in manifest order (row ordinal = FAISS id).
-    tables = [read_table(store, p["path"], columns=["id", "vector"]) for p in parts]
-    all_ids = [i for t in tables for i in t.column("id").to_pylist()]
-    if len(set(all_ids)) != len(all_ids):
-        raise ReconciliationError("an id was indexed more than once; not published")
-    dim = info.dim
-    vectors = np.concatenate([vectors_of(t) for t in tables]) if tables else np.zeros((0, dim), np.float32)
-    tier_entries, tier_indexes = [], {}
-    for d in tier_dims:
-        factory = cfg.index.factory_for(d)
-        index, stats = tiers.build_tier(vectors, d, factory) if len(vectors) else (None, {"factory": factory})
-        rel = layout.tier_path(run_id, d)
-        if index is not None:
-            data = tiers.serialize(index)
-            store.write_bytes(rel, data)
-            tier_indexes[d] = index
-            bpv = round(len(data) / max(index.ntotal, 1), 2)
-        else:
-            bpv = None
-        tier_entries.append(TierEntry(dim=d, factory=stats["factory"], metric="ip", files=[rel],
-                                      bytes_per_vector=bpv, build_seconds=stats.get("build_seconds")))
-    quality = tiers.quality_report(vectors, tier_indexes, cfg.index.quality_sample, cfg.index.rescore)
-    t_tiers = time.perf_counter()
+        ids = [i for p in parts for i in read_table(store, p["path"], columns=["id"]).column("id").to_pylist()]
+        if len(set(ids)) != len(ids):
+            raise ReconciliationError("an id was indexed more than once; not published")
+        dim = info.dim
+        tier_entries, quality = build_tiers(store, [p["path"] for p in parts], dim, tier_dims, cfg.index, run_id)
+        t_tiers = time.perf_counter()
 
     version = next_version(store)
     timings = {

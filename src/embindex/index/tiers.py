@@ -7,7 +7,6 @@ product (cosine). FAISS ids are the row ordinals of the shards in manifest order
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 import faiss
