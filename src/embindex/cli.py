@@ -32,8 +32,8 @@ def build(
     _setup_env()
     from pydantic import ValidationError
 
-    from .pipeline import build as run_build
     from .config import parse_override
+    from .pipeline import build as run_build
 
     try:
         overrides = dict(parse_override(s) for s in set_)

@@ -50,27 +50,73 @@ class ModelConfig(_Section):
         return StorageOptions.from_dict(self.storage)
 
 
-class LateChunkingConfig(_Section):
+class ChunkingConfig(_Section):
+    """Chunks with character offsets: `tokens` (fixed token windows), `sentences` (n per chunk) or
+    `paragraphs` (blank lines / Markdown headings, merged up to chunk_size tokens)."""
+
     chunker: Literal["tokens", "sentences", "paragraphs"] = "sentences"
-    chunk_size: int = 256
-    overlap: int = 0
+    chunk_size: int = Field(256, gt=0)
+    n_sentences: int = Field(5, gt=0)
+    overlap: int = Field(0, ge=0, description="units shared by consecutive chunks (naive chunking)")
+
+    @model_validator(mode="after")
+    def _overlap(self) -> "ChunkingConfig":
+        size = self.chunk_size if self.chunker == "tokens" else self.n_sentences
+        if self.chunker != "paragraphs" and self.overlap >= size:
+            raise ValueError(f"chunk overlap {self.overlap} must be smaller than the chunk ({size})")
+        return self
+
+
+class LateChunkingConfig(ChunkingConfig):
+    """Whole document through the model once, then each chunk's token span mean-pooled. Documents longer
+    than `window` tokens are embedded in macro windows overlapping by `window_overlap` tokens."""
+
+    window: int | None = Field(None, gt=0, description="macro window in tokens (default: model max_length)")
+    window_overlap: int | None = Field(None, ge=0, description="default: min(256, window // 4)")
+    max_doc_tokens: int = Field(131072, gt=0, description="longer documents are truncated to this many tokens")
+
+
+class MultivectorConfig(_Section):
+    """Token vectors per document (ColBERT style), MaxSim at search time."""
+
+    candidates: Literal["tokens", "pooled"] = "tokens"
+    token_k: int = Field(64, gt=0, description="nearest stored tokens per query token (tokens candidates)")
 
 
 class OutputsConfig(_Section):
     single: bool = True
-    multivector: bool = False
     late_chunking: LateChunkingConfig | None = None
+    chunking: ChunkingConfig | None = None
+    multivector: MultivectorConfig | None = None
+
+    @field_validator("multivector", mode="before")
+    @classmethod
+    def _mv_bool(cls, v: Any) -> Any:
+        if v is True:
+            return {}
+        if v is False:
+            return None
+        return v
 
     @model_validator(mode="after")
-    def _supported(self) -> "OutputsConfig":
-        if self.multivector or self.late_chunking is not None:
-            raise ValueError(
-                "outputs.multivector and outputs.late_chunking are not supported by this version yet; "
-                "use outputs.single"
-            )
-        if not self.single:
-            raise ValueError("outputs.single must be true (it is the only output this version writes)")
+    def _combination(self) -> "OutputsConfig":
+        if self.late_chunking is not None and self.chunking is not None:
+            raise ValueError("choose outputs.late_chunking or outputs.chunking (naive), not both")
+        if self.multivector is not None and (self.late_chunking is not None or self.chunking is not None):
+            raise ValueError("outputs.multivector stores token vectors per document; it cannot be combined "
+                             "with chunked outputs")
         return self
+
+    @property
+    def mode(self) -> str:
+        """document | late | naive | multivector"""
+        if self.late_chunking is not None:
+            return "late"
+        if self.chunking is not None:
+            return "naive"
+        if self.multivector is not None:
+            return "multivector"
+        return "document"
 
 
 Tier = int | Literal["full"]
@@ -84,6 +130,9 @@ class IndexConfig(_Section):
     quality_sample: int = Field(1000, ge=0)
     rescore: int = Field(10, ge=1, description="shortlist = k * rescore, rescored at full width")
     shard_rows: int = Field(50_000, gt=0, description="documents per Parquet shard (at most)")
+    memory_budget_mb: float = Field(4096, gt=0, description="per-tier budget of index bytes that `auto` fits")
+    train_sample: int = Field(100_000, gt=0, description="reservoir rows (across shards) that trained tiers learn on")
+    single_file_max_rows: int = Field(200_000, ge=0, description="non-IVF tiers up to this size are one file")
     storage: dict[str, Any] = Field(default_factory=dict)
 
     def storage_options(self) -> StorageOptions:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from .checkpoints import model_spec
@@ -26,6 +27,7 @@ from .index import tiers
 from .index.manifest import Counts, Manifest, ModelEntry, RejectsEntry, ShardEntry
 from .index.publish import latest_version, next_version, publish
 from .index.shards import read_table, write_shard
+from .index.multivector import build_token_index
 from .index.tier_builder import build_tiers
 from .models import load_family
 from .models.base import checkpoint_hash
@@ -148,11 +150,14 @@ def build(
     family = load_family(spec)
     family.check_task(cfg.model.task)
     info = family.info()
+    check_outputs(cfg, info)
     tier_dims = tiers.resolve_tiers(cfg.index.tiers, info.dim)
     ckpt_hash = checkpoint_hash(spec.path)
     store = Storage(cfg.index.uri, cfg.index.storage_options())
     run_id = _run_id(cfg)
     model_json = cfg.model.model_dump_json()
+    outputs_json = cfg.outputs.model_dump_json()
+    window = (cfg.outputs.late_chunking.window if cfg.outputs.late_chunking else None) or info.max_length
     query_task = getattr(family, "query_task_for", lambda t: t)(cfg.model.task)
 
     with ray_session(cfg):
@@ -173,13 +178,16 @@ def build(
             ds = ds.map_batches(mark_duplicates, batch_format="pyarrow",
                                 fn_kwargs={"duplicate_ids": frozenset(duplicates)})
         ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=rows_per_call,
-                            fn_kwargs={"model_json": model_json, "role": cfg.model.role, "task": cfg.model.task})
+                            fn_kwargs={"model_json": model_json, "outputs_json": outputs_json,
+                                       "role": cfg.model.role, "task": cfg.model.task,
+                                       "max_length": info.max_length})
         reporter = ProgressReporter(rows_in, log, every=cfg.run.progress_seconds)
         ds = ds.map_batches(
             EmbedActor,
-            fn_constructor_kwargs={"model_json": model_json, "task": cfg.model.task,
-                                   "batch_tokens": cfg.resources.batch_tokens, "torch_threads": threads,
-                                   "progress": reporter.counter},
+            fn_constructor_kwargs={"model_json": model_json, "outputs_json": outputs_json,
+                                   "task": cfg.model.task, "batch_tokens": cfg.resources.batch_tokens,
+                                   "torch_threads": threads, "progress": reporter.counter, "window": window,
+                                   "window_overlap": window_overlap(cfg, window)},
             compute=ray.data.ActorPoolStrategy(size=cfg.resources.actors),
             batch_size=rows_per_call, batch_format="pyarrow", num_cpus=cpus, num_gpus=gpus,
         )
@@ -199,16 +207,19 @@ def build(
 
         parts = sorted((r for r in records if r["kind"] == "part"), key=lambda r: r["path"])
         rejects = sorted((r for r in records if r["kind"] == "rejects"), key=lambda r: r["path"])
-        n_docs = sum(r["rows"] for r in parts)
+        n_rows = sum(r["rows"] for r in parts)
         n_rej = sum(r["rows"] for r in rejects)
+        keys = [k for p in parts for k in _row_keys(read_table(store, p["path"], columns=["id", "chunk"]))]
+        n_docs = len({i for i, _ in keys})
         if n_docs + n_rej != rows_in:
             raise ReconciliationError(f"rows in {rows_in} != indexed {n_docs} + rejected {n_rej}; not published")
-
-        ids = [i for p in parts for i in read_table(store, p["path"], columns=["id"]).column("id").to_pylist()]
-        if len(set(ids)) != len(ids):
-            raise ReconciliationError("an id was indexed more than once; not published")
+        if len(set(keys)) != len(keys):
+            raise ReconciliationError("a document (or chunk) was indexed more than once; not published")
         dim = info.dim
         tier_entries, quality = build_tiers(store, [p["path"] for p in parts], dim, tier_dims, cfg.index, run_id)
+        token_index = None
+        if cfg.outputs.multivector is not None and cfg.outputs.multivector.candidates == "tokens":
+            token_index = build_token_index(store, [p["path"] for p in parts], dim, run_id)
         t_tiers = time.perf_counter()
 
     version = next_version(store)
@@ -218,7 +229,7 @@ def build(
         "tiers_s": round(t_tiers - t_pipe, 3),
         "total_s": round(t_tiers - t0, 3),
     }
-    counts = Counts(rows_in=rows_in, documents=n_docs, chunks=n_docs, vectors=n_docs, rejected=n_rej)
+    counts = Counts(rows_in=rows_in, documents=n_docs, chunks=n_rows, vectors=n_rows, rejected=n_rej)
     manifest = Manifest(
         version=version,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -229,7 +240,7 @@ def build(
             query_task=query_task, max_length=info.max_length, pooling=info.pooling, dtype=cfg.model.dtype,
             prefixes=info.prefixes,
         ),
-        outputs=cfg.outputs.model_dump(mode="json"),
+        outputs=outputs_entry(cfg, info, window, parts, token_index),
         dim=dim,
         tiers=tier_entries,
         shards=[ShardEntry(path=p["path"], rows=p["rows"], bytes=p["bytes"], sha256=p["sha256"]) for p in parts],
@@ -245,6 +256,48 @@ def build(
     manifest_uri = publish(store, manifest)
     result = BuildResult(cfg.index.uri, version, manifest_uri, counts.model_dump(), timings, manifest)
     return result
+
+
+def window_overlap(cfg: JobConfig, window: int) -> int:
+    lc = cfg.outputs.late_chunking
+    return lc.window_overlap if lc and lc.window_overlap is not None else min(256, window // 4)
+
+
+def _row_keys(table: pa.Table) -> list[tuple[str, int | None]]:
+    return list(zip(table.column("id").to_pylist(), table.column("chunk").to_pylist()))
+
+
+def check_outputs(cfg: JobConfig, info: Any) -> None:
+    """Fail before any worker starts when the model cannot produce the configured outputs."""
+    mode = cfg.outputs.mode
+    multi = bool(info.extra.get("multi_vector"))
+    if multi and mode != "multivector":
+        raise ValueError(f"model family {info.family!r} is multi-vector: set outputs.multivector")
+    if mode == "multivector" and not multi:
+        raise ValueError(f"model family {info.family!r} has no multi-vector output")
+    if mode == "late" and info.pooling != "mean":
+        raise ValueError(f"late chunking needs a mean-pooling model; {info.family!r} pools with {info.pooling!r}")
+    lc = cfg.outputs.late_chunking
+    if lc is not None and lc.window_overlap is not None and lc.window_overlap >= (lc.window or info.max_length):
+        raise ValueError("outputs.late_chunking.window_overlap must be smaller than the window")
+
+
+def outputs_entry(cfg: JobConfig, info: Any, window: int, parts: list[dict[str, Any]],
+                  token_index: tuple[str, int] | None) -> dict[str, Any]:
+    """What the manifest records about the outputs: the mode, its settings and multi-vector storage."""
+    entry: dict[str, Any] = {"mode": cfg.outputs.mode, **cfg.outputs.model_dump(mode="json")}
+    if cfg.outputs.late_chunking is not None:
+        entry["late_chunking"].update(window=window, window_overlap=window_overlap(cfg, window))
+    if cfg.outputs.multivector is not None:
+        tokens = sum(int(p.get("tokens") or 0) for p in parts)
+        entry["multivector"].update(
+            dim=info.dim, codec="float16", column="token_vectors", tokens=tokens, bytes_per_token=2 * info.dim,
+            score="maxsim",
+        )
+        if token_index is not None:
+            entry["multivector"]["token_index"] = {"file": token_index[0], "factory": "IDMap2,Flat",
+                                                   "vectors": token_index[1]}
+    return entry
 
 
 def _scrub_secrets(config: dict[str, Any]) -> None:

@@ -2,6 +2,12 @@
 
 Both resolve the checkpoint inside the worker (`checkpoints.model_spec`), so a model in object
 storage is fetched once per node into the local cache, and the driver ships only the config.
+
+Output modes (`OutputsConfig.mode`):
+- document:    one pooled vector per document;
+- naive:       documents split into chunks in the tokenize stage, each chunk embedded alone;
+- late:        each document through the model once, one vector per chunk span (late chunking);
+- multivector: per-token vectors per document (ColBERT style) plus their normalized mean.
 """
 
 from __future__ import annotations
@@ -13,14 +19,20 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..checkpoints import model_spec
-from ..config import ModelConfig
+from ..config import ModelConfig, OutputsConfig
 from ..models import load_family
 from ..models.base import Role, TextTokenizer
-from ..models.embedder import Embedder
+from ..models.embedder import Embedder, l2_normalize
+from ..models.late_chunking import late_chunk, pool_spans
+from ..text.batching import pad_batch, token_budget_batches
+from ..text.chunking import ChunkSpec, chunk_spans, token_spans
 
 VECTOR_COLUMN = "vector"
+TOKEN_VECTORS_COLUMN = "token_vectors"
+CHUNK_COLUMNS = ("chunk", "start", "end")
 
 
 @lru_cache(maxsize=4)
@@ -29,22 +41,85 @@ def _tokenizer(model_json: str) -> TextTokenizer:
     return load_family(model_spec(cfg)).load_tokenizer()
 
 
-def tokenize_batch(batch: pa.Table, model_json: str, role: Role, task: str | None) -> pa.Table:
-    """Add `input_ids` (list<int32>) for documents; rejects get an empty list."""
-    tok = _tokenizer(model_json)
+def _list_array(arrays: list[np.ndarray]) -> pa.ListArray:
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    flat = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32()))
+
+
+def _lists_of(col: pa.ChunkedArray, rows: np.ndarray) -> list[np.ndarray]:
+    arr = col.combine_chunks()
+    offsets, values = arr.offsets.to_numpy(), arr.values.to_numpy()
+    return [values[offsets[i] : offsets[i + 1]] for i in rows]
+
+
+def _chunk_spec(c: Any) -> ChunkSpec:
+    return ChunkSpec(chunker=c.chunker, chunk_size=c.chunk_size, n_sentences=c.n_sentences, overlap=c.overlap)
+
+
+def _with_chunk_columns(batch: pa.Table, chunk=None, start=None, end=None) -> pa.Table:
+    n = batch.num_rows
+    for name, values in zip(CHUNK_COLUMNS, (chunk, start, end)):
+        batch = batch.append_column(name, pa.array(values if values is not None else [None] * n, pa.int32()))
+    return batch
+
+
+def _explode_chunks(batch: pa.Table, tok: TextTokenizer, spec: ChunkSpec, role: Role, task: str | None) -> pa.Table:
+    """Naive chunking: one row per chunk, its text the chunk's characters; rejects stay one row."""
     texts = batch.column("text").to_pylist()
     rejected = batch.column("reject").to_pylist()
-    todo = [i for i, r in enumerate(rejected) if r is None]
-    ids: list[Any] = [np.zeros(0, dtype=np.int32)] * batch.num_rows
-    if todo:
-        for i, arr in zip(todo, tok([texts[i] for i in todo], role, task)):
-            ids[i] = arr
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.concatenate(ids).astype(np.int32) if len(ids) else np.zeros(0, dtype=np.int32)
-    input_ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
-    return batch.drop_columns(["text"]).append_column("input_ids", input_ids)
+    take, chunk, start, end, chunk_texts = [], [], [], [], []
+    for i, (text, rej) in enumerate(zip(texts, rejected)):
+        if rej is not None:
+            take.append(i), chunk.append(None), start.append(None), end.append(None), chunk_texts.append(None)
+            continue
+        offsets = tok.encode_with_offsets(text, role, task, truncate=False).offsets if spec.chunker == "tokens" \
+            else None
+        for k, (s, e) in enumerate(chunk_spans(text, spec, offsets) or [(0, len(text))]):
+            take.append(i), chunk.append(k), start.append(s), end.append(e), chunk_texts.append(text[s:e])
+    out = batch.take(pa.array(take, pa.int64())).drop_columns(["text"])
+    out = out.append_column("text", pa.array(chunk_texts, pa.string()))
+    return _with_chunk_columns(out, chunk, start, end)
+
+
+def tokenize_batch(batch: pa.Table, model_json: str, outputs_json: str, role: Role, task: str | None,
+                   max_length: int) -> pa.Table:
+    """Add `input_ids` (list<int32>) to documents (rejects get an empty list) and chunk columns.
+    Late chunking also adds `chunk_chars` / `chunk_tokens` (flattened [start, end] pairs)."""
+    tok = _tokenizer(model_json)
+    outputs = OutputsConfig.model_validate_json(outputs_json)
+    mode = outputs.mode
+    if mode == "naive":
+        batch = _explode_chunks(batch, tok, _chunk_spec(outputs.chunking), role, task)
+    elif mode != "late":
+        batch = _with_chunk_columns(batch)
+    texts = batch.column("text").to_pylist()
+    todo = [i for i, r in enumerate(batch.column("reject").to_pylist()) if r is None]
+    empty = np.zeros(0, dtype=np.int32)
+    ids: list[np.ndarray] = [empty] * batch.num_rows
+    if mode != "late":
+        if todo:
+            for i, arr in zip(todo, tok([texts[i] for i in todo], role, task)):
+                ids[i] = arr
+        return batch.drop_columns(["text"]).append_column("input_ids", _list_array(ids))
+
+    lc = outputs.late_chunking
+    spec = _chunk_spec(lc)
+    chars: list[np.ndarray] = [empty] * batch.num_rows
+    tokens: list[np.ndarray] = [empty] * batch.num_rows
+    for i in todo:
+        enc = tok.encode_with_offsets(texts[i], role, task, truncate=False)
+        n = min(len(enc.ids), lc.max_doc_tokens)
+        offsets = enc.offsets[:n]
+        spans = chunk_spans(texts[i], spec, offsets) or [(0, len(texts[i]))]
+        tspans = token_spans(offsets, spans)
+        keep = [k for k, (s, e) in enumerate(tspans) if e > s]
+        ids[i] = enc.ids[:n]
+        chars[i] = np.asarray([spans[k] for k in keep], dtype=np.int32).reshape(-1)
+        tokens[i] = np.asarray([tspans[k] for k in keep], dtype=np.int32).reshape(-1)
+    out = batch.drop_columns(["text"]).append_column("input_ids", _list_array(ids))
+    return out.append_column("chunk_chars", _list_array(chars)).append_column("chunk_tokens", _list_array(tokens))
 
 
 def vectors_to_arrow(vectors: np.ndarray, valid: np.ndarray | None = None) -> pa.FixedSizeListArray:
@@ -55,11 +130,24 @@ def vectors_to_arrow(vectors: np.ndarray, valid: np.ndarray | None = None) -> pa
     return pa.FixedSizeListArray.from_arrays(values, d, mask=mask)
 
 
-class EmbedActor:
-    """One model per actor; embeds the documents of each batch with token-budget sub-batches."""
+def token_vectors_to_arrow(per_row: list[np.ndarray | None], dim: int) -> pa.ListArray:
+    """Per-row [n_i, d] token vectors -> list<fixed_size_list<float16>[d]> (null for rejects)."""
+    lengths = [0 if v is None else len(v) for v in per_row]
+    offsets = np.zeros(len(per_row) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = [v for v in per_row if v is not None and len(v)]
+    values = np.concatenate(flat).astype(np.float16) if flat else np.zeros((0, dim), np.float16)
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim)
+    mask = pa.array([v is None for v in per_row])
+    return pa.ListArray.from_arrays(pa.array(offsets), inner, mask=mask)
 
-    def __init__(self, model_json: str, task: str | None, batch_tokens: int, torch_threads: int | None = None,
-                 progress: Any = None):
+
+class EmbedActor:
+    """One model per actor; embeds each batch with token-budget sub-batches in the configured mode."""
+
+    def __init__(self, model_json: str, outputs_json: str, task: str | None, batch_tokens: int,
+                 torch_threads: int | None = None, progress: Any = None, window: int | None = None,
+                 window_overlap: int = 0):
         import torch
 
         if torch_threads:
@@ -67,28 +155,87 @@ class EmbedActor:
         cfg = ModelConfig.model_validate_json(model_json)
         family = load_family(model_spec(cfg))
         self.embedder = Embedder(family, batch_tokens=batch_tokens)
+        self.outputs = OutputsConfig.model_validate_json(outputs_json)
+        self.mode = self.outputs.mode
         self.task = task
         self.dim = self.embedder.info.dim
+        self.window = window or self.embedder.info.max_length
+        self.window_overlap = window_overlap
         self.busy_s = 0.0
         self.rows = 0
         self.progress = progress
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
-        rejected = np.array([r is not None for r in batch.column("reject").to_pylist()], dtype=bool)
-        vectors = np.zeros((batch.num_rows, self.dim), dtype=np.float32)
+        rejected = pc.is_valid(batch.column("reject")).to_numpy(zero_copy_only=False)
         todo = np.flatnonzero(~rejected)
-        if todo.size:
-            col = batch.column("input_ids").combine_chunks()
-            offsets, values = col.offsets.to_numpy(), col.values.to_numpy()
-            ids = [values[offsets[i] : offsets[i + 1]] for i in todo]
-            vectors[todo] = self.embedder.embed_ids(ids, self.task)
-        out = batch.drop_columns(["input_ids"]).append_column(VECTOR_COLUMN, vectors_to_arrow(vectors, ~rejected))
+        if self.mode == "late":
+            out = self._late(batch, todo)
+        elif self.mode == "multivector":
+            out = self._multivector(batch, todo, rejected)
+        else:
+            vectors = np.zeros((batch.num_rows, self.dim), dtype=np.float32)
+            if todo.size:
+                vectors[todo] = self.embedder.embed_ids(_lists_of(batch.column("input_ids"), todo), self.task)
+            out = batch.drop_columns(["input_ids"]).append_column(VECTOR_COLUMN, vectors_to_arrow(vectors, ~rejected))
         self.busy_s += time.perf_counter() - start
         self.rows += int(todo.size)
         if self.progress is not None and todo.size:
             self.progress.add.remote(int(todo.size))
         return out
+
+    # -- late chunking -------------------------------------------------------------------------
+    def _late(self, batch: pa.Table, todo: np.ndarray) -> pa.Table:
+        import torch
+
+        ids = _lists_of(batch.column("input_ids"), np.arange(batch.num_rows))
+        chars = _lists_of(batch.column("chunk_chars"), np.arange(batch.num_rows))
+        toks = _lists_of(batch.column("chunk_tokens"), np.arange(batch.num_rows))
+        per_doc: dict[int, np.ndarray] = {}
+        short = [int(i) for i in todo if len(ids[i]) <= self.window]
+        for i in todo:
+            if len(ids[i]) > self.window:
+                per_doc[int(i)] = late_chunk(self.embedder.encoder, ids[i], toks[i].reshape(-1, 2), self.task,
+                                             self.window, self.window_overlap)
+        tok = self.embedder.tokenizer
+        for idx in token_budget_batches([len(ids[i]) for i in short], self.embedder.batch_tokens):
+            rows = [short[j] for j in idx]
+            input_ids, mask = pad_batch([ids[r] for r in rows], tok.pad_token_id, self.embedder.padding_side)
+            states = self.embedder.encoder.forward_token_states(torch.from_numpy(input_ids),
+                                                                torch.from_numpy(mask), self.task).float()
+            for b, r in enumerate(rows):
+                per_doc[r] = pool_spans(states[b], [tuple(s) for s in toks[r].reshape(-1, 2)])
+        take, chunk, start, end, vecs = [], [], [], [], []
+        for i in range(batch.num_rows):
+            if i not in per_doc:  # a reject: one row, no vector
+                take.append(i), chunk.append(None), start.append(None), end.append(None)
+                vecs.append(None)
+                continue
+            spans = chars[i].reshape(-1, 2)
+            for k, ((s, e), v) in enumerate(zip(spans, per_doc[i])):
+                take.append(i), chunk.append(k), start.append(int(s)), end.append(int(e)), vecs.append(v)
+        out = batch.take(pa.array(take, pa.int64())).drop_columns(["input_ids", "chunk_chars", "chunk_tokens"])
+        out = _with_chunk_columns(out, chunk, start, end)
+        valid = np.array([v is not None for v in vecs], dtype=bool)
+        matrix = np.zeros((len(vecs), self.dim), dtype=np.float32)
+        if valid.any():
+            matrix[valid] = np.stack([v for v in vecs if v is not None])
+        return out.append_column(VECTOR_COLUMN, vectors_to_arrow(matrix, valid))
+
+    # -- multi-vector --------------------------------------------------------------------------
+    def _multivector(self, batch: pa.Table, todo: np.ndarray, rejected: np.ndarray) -> pa.Table:
+        ids = _lists_of(batch.column("input_ids"), todo)
+        token_vecs = self.embedder.embed_tokens(ids, self.task)
+        dim = self.dim
+        per_row: list[np.ndarray | None] = [None] * batch.num_rows
+        pooled = np.zeros((batch.num_rows, dim), dtype=np.float32)
+        for i, v in zip(todo, token_vecs):
+            per_row[i] = v
+            if len(v):
+                pooled[i] = v.mean(0)
+        pooled = l2_normalize(pooled)
+        out = batch.drop_columns(["input_ids"]).append_column(VECTOR_COLUMN, vectors_to_arrow(pooled, ~rejected))
+        return out.append_column(TOKEN_VECTORS_COLUMN, token_vectors_to_arrow(per_row, dim))
 
 
 def default_torch_threads(cpus_per_actor: float | None) -> int:

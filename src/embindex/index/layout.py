@@ -6,6 +6,7 @@
       shards/<run_id>/part-*.parquet   documents with full-width vectors (immutable)
       shards/<run_id>/rejects-*.parquet
       shards/<run_id>/tier-<dim>.faiss one FAISS index per Matryoshka tier
+      shards/<run_id>/tokens.faiss     multi-vector outputs: token vectors -> row ordinal
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def part_path(run_id: str, digest: str) -> str:
 
 def rejects_path(run_id: str, digest: str) -> str:
     return f"{run_dir(run_id)}/rejects-{digest}.parquet"
+
+
+def token_index_path(run_id: str) -> str:
+    return f"{run_dir(run_id)}/tokens.faiss"
 
 
 def tier_path(run_id: str, dim: int) -> str:

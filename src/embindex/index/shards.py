@@ -1,6 +1,7 @@
 """Parquet shards: the write step of the pipeline and reading shards back.
 
-A shard holds documents (id, content_hash, meta, source, vector as fixed_size_list<float16>[dim]);
+A shard holds documents or chunks (id, chunk, start, end, content_hash, meta, source, vector as
+fixed_size_list<float16>[dim], and token_vectors as list<fixed_size_list<float16>[d]> for multi-vector);
 a rejects file holds rows that were not indexed, with their reason. Each write is one whole-object
 PUT (or temp file + rename), named by a digest of its ids, and returns a record for the manifest.
 """
@@ -19,7 +20,8 @@ import pyarrow.parquet as pq
 from ..storage import Storage, StorageOptions
 from . import layout
 
-DOC_COLUMNS = ["id", "content_hash", "meta", "source", "vector"]
+DOC_COLUMNS = ["id", "chunk", "start", "end", "content_hash", "meta", "source", "vector"]
+OPTIONAL_DOC_COLUMNS = ["token_vectors"]
 REJECT_COLUMNS = ["id", "reject", "reject_detail", "source", "line"]
 
 SHARD_RECORD_SCHEMA = pa.schema(
@@ -30,6 +32,7 @@ SHARD_RECORD_SCHEMA = pa.schema(
         pa.field("bytes", pa.int64()),
         pa.field("sha256", pa.string()),
         pa.field("reasons", pa.string()),  # JSON {reason: count} for rejects files
+        pa.field("tokens", pa.int64()),  # token vectors in a part (multi-vector outputs)
     ]
 )
 
@@ -54,20 +57,28 @@ def _put(storage: Storage, rel: str, table: pa.Table) -> tuple[int, str]:
     return len(data), hashlib.sha256(data).hexdigest()
 
 
+def _token_count(docs: pa.Table) -> int:
+    if "token_vectors" not in docs.column_names:
+        return 0
+    return int(pc.sum(pc.list_value_length(docs.column("token_vectors"))).as_py() or 0)
+
+
 def write_shard(batch: pa.Table, root: str, storage: dict[str, Any], run_id: str) -> pa.Table:
     """Ray Data map_batches step: write one batch's documents and rejects; return their records."""
     import json
 
     store = Storage(root, StorageOptions.from_dict(storage))
     is_reject = pc.is_valid(batch.column("reject"))
-    docs = batch.filter(pc.invert(is_reject)).select(DOC_COLUMNS)
+    columns = DOC_COLUMNS + [c for c in OPTIONAL_DOC_COLUMNS if c in batch.column_names]
+    docs = batch.filter(pc.invert(is_reject)).select(columns)
     rejects = batch.filter(is_reject).select(REJECT_COLUMNS)
     records: list[dict[str, Any]] = []
     if docs.num_rows:
-        rel = layout.part_path(run_id, _digest(docs.column("id").to_pylist()))
+        keys = [f"{i}#{c}" for i, c in zip(docs.column("id").to_pylist(), docs.column("chunk").to_pylist())]
+        rel = layout.part_path(run_id, _digest(keys))
         size, sha = _put(store, rel, docs)
         records.append({"kind": "part", "path": rel, "rows": docs.num_rows, "bytes": size, "sha256": sha,
-                        "reasons": None})
+                        "reasons": None, "tokens": _token_count(docs)})
     if rejects.num_rows:
         keys = [f"{r}:{s}:{l}:{i}" for r, s, l, i in zip(*(rejects.column(c).to_pylist()
                                                            for c in ("reject", "source", "line", "id")))]
@@ -77,7 +88,7 @@ def write_shard(batch: pa.Table, root: str, storage: dict[str, Any], run_id: str
         for r in rejects.column("reject").to_pylist():
             counts[r] = counts.get(r, 0) + 1
         records.append({"kind": "rejects", "path": rel, "rows": rejects.num_rows, "bytes": size, "sha256": sha,
-                        "reasons": json.dumps(counts)})
+                        "reasons": json.dumps(counts), "tokens": 0})
     return pa.Table.from_pylist(records, schema=SHARD_RECORD_SCHEMA)
 
 

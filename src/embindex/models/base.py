@@ -50,6 +50,34 @@ class ModelError(ValueError):
     """A checkpoint or request the model code does not support."""
 
 
+@dataclass
+class TokenizedText:
+    """One text's model input with each token's character span in the text (without the prefix).
+
+    `offsets[i] = (start, end)`; special and instruction-prefix tokens have (-1, -1).
+    `n_prefix_tokens` counts the leading special + prefix tokens."""
+
+    ids: np.ndarray
+    offsets: np.ndarray  # [n, 2] int64
+    n_prefix_tokens: int
+
+
+def text_offsets(raw_offsets: Sequence[tuple[int, int]], special: Sequence[int], prefix_len: int) -> np.ndarray:
+    """Offsets in `prefix + text` -> offsets in `text`; special and prefix tokens become (-1, -1)."""
+    out = np.full((len(raw_offsets), 2), -1, dtype=np.int64)
+    for i, ((s, e), sp) in enumerate(zip(raw_offsets, special)):
+        if sp or e <= prefix_len:
+            continue
+        out[i] = (max(s, prefix_len) - prefix_len, e - prefix_len)
+    return out
+
+
+def leading_prefix_tokens(offsets: np.ndarray) -> int:
+    """Number of (-1, -1) tokens before the first token of the text itself."""
+    real = np.flatnonzero(offsets[:, 0] >= 0)
+    return int(real[0]) if real.size else len(offsets)
+
+
 class TextTokenizer(ABC):
     """Turns texts into token ids (prefixes, special tokens and truncation included)."""
 
@@ -58,6 +86,12 @@ class TextTokenizer(ABC):
     @abstractmethod
     def __call__(self, texts: Sequence[str], role: Role, task: str | None = None) -> list[np.ndarray]:
         """One int array of token ids per text."""
+
+    def encode_with_offsets(self, text: str, role: Role, task: str | None = None,
+                            truncate: bool = True) -> TokenizedText:
+        """Ids as `__call__` gives them plus character offsets (for chunk spans / late chunking).
+        `truncate=False` keeps every token (long late chunking windows them later)."""
+        raise NotImplementedError(f"{type(self).__name__} gives no token offsets (no late chunking)")
 
 
 class TextEncoder(ABC):
@@ -71,6 +105,13 @@ class TextEncoder(ABC):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None
     ) -> torch.Tensor:
         """[B, L] ids and mask -> [B, D] fp32, not normalized."""
+
+    def forward_token_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None
+    ) -> torch.Tensor:
+        """Mean-pooling families: [B, L] -> [B, L, H] last hidden states (what `forward_pooled` pools),
+        used by late chunking."""
+        raise NotImplementedError(f"{type(self).__name__} gives no token states (no late chunking)")
 
     def forward_tokens(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None

@@ -53,3 +53,17 @@ class Embedder:
 
     def encode(self, texts: Sequence[str], role: Role = "document", task: str | None = None) -> np.ndarray:
         return self.embed_ids(self.tokenize(texts, role, task), task)
+
+    def embed_tokens(self, ids: Sequence[np.ndarray], task: str | None = None) -> list[np.ndarray]:
+        """Multi-vector families: token ids -> per row the kept [n_i, d] unit token vectors, in input order."""
+        out: list[np.ndarray] = [np.zeros((0, self.info.dim), np.float32)] * len(ids)
+        for idx in token_budget_batches([len(x) for x in ids], self.batch_tokens):
+            input_ids, mask = pad_batch([ids[i] for i in idx], self.tokenizer.pad_token_id, self.padding_side)
+            vecs, keep = self.encoder.forward_tokens(torch.from_numpy(input_ids), torch.from_numpy(mask), task)
+            vecs, keep = vecs.float().cpu().numpy(), keep.cpu().numpy()
+            for b, i in enumerate(idx):
+                out[i] = vecs[b][keep[b]]
+        return out
+
+    def encode_tokens(self, texts: Sequence[str], role: Role = "document", task: str | None = None) -> list[np.ndarray]:
+        return self.embed_tokens(self.tokenize(texts, role, task), task)

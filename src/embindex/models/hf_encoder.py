@@ -21,8 +21,11 @@ from .base import (
     Role,
     TextEncoder,
     TextTokenizer,
+    TokenizedText,
+    leading_prefix_tokens,
     pick_device,
     resolve_dtype,
+    text_offsets,
 )
 
 
@@ -68,6 +71,14 @@ class HFTokenizer(TextTokenizer):
         enc = self.tok(batch, truncation=True, max_length=self.max_length, add_special_tokens=True)
         return [np.asarray(ids, dtype=np.int32) for ids in enc["input_ids"]]
 
+    def encode_with_offsets(self, text: str, role: Role, task: str | None = None,
+                            truncate: bool = True) -> TokenizedText:
+        prefix = self.prompts.get(role, "")
+        enc = self.tok(prefix + text, truncation=truncate, max_length=self.max_length if truncate else None,
+                       add_special_tokens=True, return_offsets_mapping=True, return_special_tokens_mask=True)
+        offsets = text_offsets(enc["offset_mapping"], enc["special_tokens_mask"], len(prefix))
+        return TokenizedText(np.asarray(enc["input_ids"], dtype=np.int32), offsets, leading_prefix_tokens(offsets))
+
 
 class HFEncoder(TextEncoder):
     def __init__(self, path: str, pooling: str, device: torch.device, dtype: torch.dtype):
@@ -81,11 +92,17 @@ class HFEncoder(TextEncoder):
         self.pool = POOLERS[pooling]
 
     @torch.inference_mode()
-    def forward_pooled(
+    def forward_token_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None
     ) -> torch.Tensor:
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
-        return self.pool(out.last_hidden_state, attention_mask.to(self.device))
+        return out.last_hidden_state
+
+    def forward_pooled(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None
+    ) -> torch.Tensor:
+        hidden = self.forward_token_states(input_ids, attention_mask, task)
+        return self.pool(hidden, attention_mask.to(self.device))
 
 
 class HFEncoderFamily(ModelFamily):

@@ -30,7 +30,16 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .base import ModelError, ModelFamily, ModelInfo, Role, TextEncoder, TextTokenizer, pick_device, resolve_dtype
+from .base import (
+    ModelError,
+    ModelFamily,
+    ModelInfo,
+    Role,
+    TextEncoder,
+    TextTokenizer,
+    pick_device,
+    resolve_dtype,
+)
 from .jina_xlmr import (
     JinaXLMRBackbone,
     XLMRConfig,

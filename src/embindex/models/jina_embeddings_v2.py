@@ -38,8 +38,11 @@ from .base import (
     Role,
     TextEncoder,
     TextTokenizer,
+    TokenizedText,
+    leading_prefix_tokens,
     pick_device,
     resolve_dtype,
+    text_offsets,
 )
 
 # --------------------------------------------------------------------------------------------------------
@@ -344,6 +347,19 @@ class JinaBertTokenizer(TextTokenizer):
         encs = self.tok.encode_batch(list(texts), add_special_tokens=True)
         return [np.asarray(e.ids, dtype=np.int32) for e in encs]
 
+    def encode_with_offsets(self, text: str, role: Role, task: str | None = None,
+                            truncate: bool = True) -> TokenizedText:
+        if task is not None:
+            raise ModelError(f"jina-embeddings-v2 takes no task (got {task!r})")
+        if not truncate:
+            self.tok.no_truncation()
+        try:
+            enc = self.tok.encode(text, add_special_tokens=True)
+        finally:
+            self.tok.enable_truncation(max_length=self.max_length)
+        offsets = text_offsets(enc.offsets, enc.special_tokens_mask, 0)
+        return TokenizedText(np.asarray(enc.ids, dtype=np.int32), offsets, leading_prefix_tokens(offsets))
+
 
 class JinaBertEncoderModel(TextEncoder):
     """JinaBertModel + pooling (mean by default)."""
@@ -360,12 +376,16 @@ class JinaBertEncoderModel(TextEncoder):
         self.pool = POOLERS[pooling]
 
     @torch.inference_mode()
+    def forward_token_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None
+    ) -> torch.Tensor:
+        return self.model(input_ids.to(self.device), attention_mask.to(self.device))
+
     def forward_pooled(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None
     ) -> torch.Tensor:
         mask = attention_mask.to(self.device)
-        hidden = self.model(input_ids.to(self.device), mask)
-        return self.pool(hidden, mask)
+        return self.pool(self.forward_token_states(input_ids, mask, task), mask)
 
 
 class JinaEmbeddingsV2Family(ModelFamily):

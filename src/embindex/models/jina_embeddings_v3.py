@@ -41,9 +41,12 @@ from .base import (
     Role,
     TextEncoder,
     TextTokenizer,
+    TokenizedText,
+    leading_prefix_tokens,
     mean_pool,
     pick_device,
     resolve_dtype,
+    text_offsets,
 )
 from .jina_xlmr import (
     JinaXLMRBackbone,
@@ -97,6 +100,18 @@ class JinaV3Tokenizer(TextTokenizer):
         encs = self.tok.encode_batch([prefix + t for t in texts])
         return [np.asarray(e.ids, dtype=np.int32) for e in encs]
 
+    def encode_with_offsets(self, text: str, role: Role, task: str | None = None,
+                            truncate: bool = True) -> TokenizedText:
+        prefix = self.prefix(role, task)
+        if not truncate:
+            self.tok.no_truncation()
+        try:
+            enc = self.tok.encode(prefix + text)
+        finally:
+            self.tok.enable_truncation(self.max_length)
+        offsets = text_offsets(enc.offsets, enc.special_tokens_mask, len(prefix))
+        return TokenizedText(np.asarray(enc.ids, dtype=np.int32), offsets, leading_prefix_tokens(offsets))
+
 
 def _resolve_task(task: str | None, default: str | None, tasks: Sequence[str]) -> str:
     t = task if task is not None else default
@@ -131,6 +146,11 @@ class JinaV3Encoder(TextEncoder):
         ids = [-1 if (t := _resolve_task(n, self.default_task, self.tasks)) == NO_TASK else self.tasks.index(t)
                for n in names]
         return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def forward_token_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | Sequence[str] | None = None
+    ) -> torch.Tensor:
+        return self.token_embeddings(input_ids, attention_mask, task)
 
     @torch.inference_mode()
     def token_embeddings(

@@ -16,6 +16,7 @@ import numpy as np
 from ..index import tiers
 from ..index.manifest import Manifest
 from ..index.publish import latest_version, read_manifest
+from ..index.multivector import maxsim_scores, shard_token_vectors, token_candidates
 from ..index.shards import read_table, vectors_of
 from ..storage import Storage, StorageOptions
 
@@ -44,6 +45,9 @@ class IndexReader:
         self._embedder = None
         self._tiers: dict[int, Any] = {}
         self._docs = None  # (ids, meta) of all rows in ordinal order
+        self._chunks: list[dict | None] = []
+        self._token_vectors: list[np.ndarray] | None = None
+        self._token_index = None
         self._vectors: np.ndarray | None = None
 
     # -- lazy loading ---------------------------------------------------------------------------
@@ -71,13 +75,17 @@ class IndexReader:
     def _load_docs(self) -> None:
         ids: list[str] = []
         metas: list[str | None] = []
+        chunks: list[dict | None] = []
         vecs = []
         for shard in self.manifest.shards:
-            t = read_table(self.storage, shard.path, columns=["id", "meta", "vector"])
+            t = read_table(self.storage, shard.path, columns=["id", "meta", "chunk", "start", "end", "vector"])
             ids.extend(t.column("id").to_pylist())
             metas.extend(t.column("meta").to_pylist())
+            chunks.extend(None if c is None else {"index": c, "start": s, "end": e} for c, s, e in
+                          zip(*(t.column(n).to_pylist() for n in ("chunk", "start", "end"))))
             vecs.append(vectors_of(t))
         self._docs = (ids, metas)
+        self._chunks = chunks
         self._vectors = np.concatenate(vecs) if vecs else np.zeros((0, self.manifest.dim), np.float32)
 
     @property
@@ -93,6 +101,15 @@ class IndexReader:
             self._load_docs()
         return self._docs[0]
 
+    def token_vectors(self) -> list[np.ndarray]:
+        """Stored token vectors of every row (multi-vector indexes), in ordinal order."""
+        if self._token_vectors is None:
+            mats: list[np.ndarray] = []
+            for shard in self.manifest.shards:
+                mats.extend(shard_token_vectors(read_table(self.storage, shard.path, columns=["token_vectors"])))
+            self._token_vectors = mats
+        return self._token_vectors
+
     # -- search ---------------------------------------------------------------------------------
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
         return self.embedder.encode(list(queries), role="query", task=self.manifest.model.query_task)
@@ -100,15 +117,22 @@ class IndexReader:
     def search(self, queries: Sequence[str] | str, k: int = 10, tier: int | None = None,
                rescore: int | None = None) -> list[list[Hit]]:
         """Hits per query. `tier`: width of the ANN tier (default the narrowest); `rescore`: shortlist
-        factor (default from the manifest's build config; 0 or 1 disables full-width rescoring)."""
+        factor (default from the manifest's build config; 0 or 1 disables full-width rescoring).
+        Chunked indexes return documents scored by their best chunk; multi-vector indexes rank by MaxSim."""
         if isinstance(queries, str):
             queries = [queries]
-        return self.search_vectors(self.encode_queries(queries), k=k, tier=tier, rescore=rescore)
+        mode = self.manifest.outputs.get("mode", "document")
+        if mode == "multivector":
+            return self.search_multivector(queries, k=k, tier=tier, rescore=rescore)
+        vectors = self.encode_queries(queries)
+        if mode in ("late", "naive"):
+            rows = self.search_vectors(vectors, k=k * CHUNKS_PER_HIT, tier=tier, rescore=rescore)
+            return [best_chunk_per_document(r, k) for r in rows]
+        return self.search_vectors(vectors, k=k, tier=tier, rescore=rescore)
 
-    def search_vectors(self, query_vectors: np.ndarray, k: int = 10, tier: int | None = None,
-                       rescore: int | None = None) -> list[list[Hit]]:
-        if self.manifest.counts.vectors == 0:
-            return [[] for _ in range(len(query_vectors))]
+    def search_rows(self, query_vectors: np.ndarray, k: int = 10, tier: int | None = None,
+                    rescore: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, row ordinals) per query: ANN on the tier, then full-width rescoring of k * rescore."""
         entry = self.manifest.tier(tier)
         if rescore is None:
             rescore = int(self.manifest.config.get("index", {}).get("rescore", 10))
@@ -116,21 +140,57 @@ class IndexReader:
         q = np.ascontiguousarray(query_vectors, dtype=np.float32)
         if rescore > 1 and entry.dim < self.manifest.dim:
             _, shortlist = tiers.search_tier(index, q, k * rescore)
-            scores, ids = tiers.rescore(self.vectors, tiers.truncate(q, self.manifest.dim), shortlist, k)
-        else:
-            scores, ids = tiers.search_tier(index, q, k)
+            return tiers.rescore(self.vectors, tiers.truncate(q, self.manifest.dim), shortlist, k)
+        return tiers.search_tier(index, q, k)
+
+    def hits(self, scores: np.ndarray, ordinals: np.ndarray) -> list[Hit]:
+        """Hits for row ordinals (-1 entries skipped)."""
         self.ids  # noqa: B018 - make sure ids/meta are loaded
         doc_ids, metas = self._docs
+        return [Hit(id=doc_ids[i], score=float(s), meta=json.loads(metas[i]) if metas[i] else {},
+                    chunk=self._chunks[i]) for s, i in zip(scores, ordinals) if i >= 0]
+
+    def search_vectors(self, query_vectors: np.ndarray, k: int = 10, tier: int | None = None,
+                       rescore: int | None = None) -> list[list[Hit]]:
+        if self.manifest.counts.vectors == 0:
+            return [[] for _ in range(len(query_vectors))]
+        scores, ids = self.search_rows(query_vectors, k=k, tier=tier, rescore=rescore)
+        return [self.hits(s, i) for s, i in zip(scores, ids)]
+
+    def search_multivector(self, queries: Sequence[str], k: int = 10, tier: int | None = None,
+                           rescore: int | None = None) -> list[list[Hit]]:
+        """Candidates from the token index (or the pooled-vector tier), ranked by MaxSim."""
+        mv = self.manifest.outputs["multivector"]
+        q_tokens = self.embedder.encode_tokens(list(queries), role="query", task=self.manifest.model.query_task)
+        stored = self.token_vectors()
+        rescore = rescore or int(self.manifest.config.get("index", {}).get("rescore", 10))
         out = []
-        for row_s, row_i in zip(scores, ids):
-            hits = []
-            for s, i in zip(row_s, row_i):
-                if i < 0:
-                    continue
-                meta = json.loads(metas[i]) if metas[i] else {}
-                hits.append(Hit(id=doc_ids[i], score=float(s), meta=meta))
-            out.append(hits)
+        for q in q_tokens:
+            if mv.get("token_index"):
+                if self._token_index is None:
+                    self._token_index = tiers.deserialize(self.storage.read_bytes(mv["token_index"]["file"]))
+                cand = token_candidates(self._token_index, q, int(mv.get("token_k", 64)))
+            else:
+                pooled = q.mean(0, keepdims=True)
+                pooled /= max(float(np.linalg.norm(pooled)), 1e-12)
+                _, rows = self.search_rows(pooled, k=k * rescore, tier=tier, rescore=1)
+                cand = rows[0][rows[0] >= 0]
+            scores = maxsim_scores(q, [stored[i] for i in cand])
+            order = np.argsort(-scores, kind="stable")[:k]
+            out.append(self.hits(scores[order], cand[order]))
         return out
+
+
+CHUNKS_PER_HIT = 8  # rows fetched per requested hit before grouping chunks by document
+
+
+def best_chunk_per_document(hits: list[Hit], k: int) -> list[Hit]:
+    """Document-level hits: each document scored by its best chunk, whose offsets the hit carries."""
+    best: dict[str, Hit] = {}
+    for h in hits:
+        if h.id not in best or h.score > best[h.id].score:
+            best[h.id] = h
+    return sorted(best.values(), key=lambda h: -h.score)[:k]
 
 
 def open_index(uri: str, version: str | None = None, storage: dict[str, Any] | None = None,

@@ -13,7 +13,15 @@ import ray.data
 
 from ..config import SourceConfig
 from ..storage import arrow_filesystem, fsspec_filesystem, is_remote, strip_scheme
-from .normalize import Reasons, RowRules, normalize_record, parse_jsonl, parse_text_file, reject_row, to_table
+from .normalize import (
+    Reasons,
+    RowRules,
+    normalize_record,
+    parse_jsonl,
+    parse_text_file,
+    reject_row,
+    to_table,
+)
 
 FORMAT_EXTENSIONS = {
     "parquet": (".parquet", ".pq"),
