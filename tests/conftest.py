@@ -85,7 +85,7 @@ def job_config(source_uri: str, index_uri: str, **sections) -> dict:
         "model": {"name": "hf-encoder", "path": "builtin:all-MiniLM-L6-v2", "dtype": "float32",
                   "max_length": 128},
         "index": {"uri": index_uri, "tiers": [32, 64, 128, "full"], "quality_sample": 100},
-        "resources": {"actors": 1, "cpus_per_actor": 1, "batch_tokens": 8192, "rows_per_actor_call": 256},
+        "resources": {"actors": 1, "cpus_per_actor": 1, "batch_tokens": 8192},
         "run": {"progress": False},
     }
     for name, values in sections.items():

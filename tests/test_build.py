@@ -171,11 +171,10 @@ def test_two_actors_share_the_work(ray_cluster, tmp_path):
     for i in range(4):
         _write_jsonl(corpus / f"{i}.jsonl", docs[i * 50:(i + 1) * 50])
     cfg = job_config(str(corpus), str(tmp_path / "index"),
-                     resources={"actors": 2, "cpus_per_actor": 1, "rows_per_actor_call": 25},
-                     index={"shard_rows": 60})
+                     resources={"actors": 2, "cpus_per_actor": 1})
     result = embindex.build(cfg, log=None)
     assert result.counts["documents"] == 200
-    assert len(result.manifest.shards) >= 4 and max(s.rows for s in result.manifest.shards) <= 60
+    assert len(result.manifest.shards) == 4 and {s.rows for s in result.manifest.shards} == {50}
     reader = embindex.open_index(str(tmp_path / "index"))
     assert sorted(reader.ids) == sorted(d["id"] for d in docs)
 

@@ -27,7 +27,8 @@ class SourceConfig(_Section):
     max_text_bytes: int = Field(1_000_000, gt=0)
     text_extensions: list[str] = [".txt", ".md", ".rst"]
     storage: dict[str, Any] = Field(default_factory=dict)
-    blocks: int | None = Field(None, gt=0, description="Ray Data read parallelism (override_num_blocks)")
+    fragment_rows: int = Field(10_000, gt=0, description="Parquet rows per fragment (unit of work and resume)")
+    fragment_files: int = Field(256, gt=0, description="text files per fragment")
 
     def storage_options(self) -> StorageOptions:
         return StorageOptions.from_dict(self.storage)
@@ -129,7 +130,6 @@ class IndexConfig(_Section):
     metric: Literal["ip"] = "ip"
     quality_sample: int = Field(1000, ge=0)
     rescore: int = Field(10, ge=1, description="shortlist = k * rescore, rescored at full width")
-    shard_rows: int = Field(50_000, gt=0, description="documents per Parquet shard (at most)")
     memory_budget_mb: float = Field(4096, gt=0, description="per-tier budget of index bytes that `auto` fits")
     train_sample: int = Field(100_000, gt=0, description="reservoir rows (across shards) that trained tiers learn on")
     single_file_max_rows: int = Field(200_000, ge=0, description="non-IVF tiers up to this size are one file")

@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import hashlib
 import secrets
-import signal
 import sys
-import threading
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,17 +20,19 @@ import pyarrow.compute as pc
 from .checkpoints import model_spec
 from .config import JobConfig, load_config
 from .embed.progress import ProgressReporter
-from .embed.stages import EmbedActor, default_torch_threads, tokenize_batch
+from .embed.stages import EmbedActor, tokenize_batch
 from .index import tiers
 from .index.manifest import Counts, Manifest, ModelEntry, RejectsEntry, ShardEntry
-from .index.publish import latest_version, next_version, publish
-from .index.shards import read_table, write_shard
+from .index.commits import read_commits, read_run_record, unfinished_runs, write_run_record
+from .index.publish import latest_version, list_versions, next_version, publish, read_manifest
+from .index.shards import read_table, write_fragment
 from .index.multivector import build_token_index
 from .index.tier_builder import build_tiers
 from .models import load_family
 from .models.base import checkpoint_hash
 from .sources.normalize import mark_duplicates
-from .sources.readers import read_corpus
+from .ray_runtime import actor_resources, ray_session
+from .sources.readers import open_corpus
 from .storage import Storage
 
 Log = Callable[[str], None]
@@ -67,42 +67,6 @@ class ReconciliationError(RuntimeError):
     """Rows in != documents indexed + rows rejected, or an id indexed twice: nothing is published."""
 
 
-@contextmanager
-def ray_session(cfg: JobConfig) -> Iterator[None]:
-    """Use a running Ray, connect to `resources.ray_address`, or start a local one in-process."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    res = cfg.resources
-    if res.ray_address:
-        ray.init(address=res.ray_address, log_to_driver=False)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private in-process cluster
-        ncpu = os.cpu_count() or 2
-        ray.init(num_cpus=res.num_cpus or ncpu + 1, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    previous = _exit_on_sigterm()
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _exit_on_sigterm() -> Any:
-    """Turn SIGTERM into SystemExit so `finally` shuts Ray down (a killed driver leaks ~1 GB of workers)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def _handler(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    return signal.signal(signal.SIGTERM, _handler)
-
-
 def _run_id(cfg: JobConfig) -> str:
     if cfg.run.id:
         return cfg.run.id
@@ -120,26 +84,15 @@ def _count_and_find_duplicates(ds: Any) -> tuple[int, set[str]]:
     return rows, {i for i, n in seen.items() if n > 1}
 
 
-def _resources(cfg: JobConfig) -> tuple[float, float, int]:
-    import ray
-
-    res = cfg.resources
-    gpus = res.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    cpus = res.cpus_per_actor
-    if cpus is None:
-        cpus = 1.0 if gpus else float(os.cpu_count() or 1)
-    threads = res.torch_threads or default_torch_threads(cpus)
-    return cpus, gpus, threads
-
-
 def build(
     config: str | os.PathLike | dict[str, Any] | JobConfig,
     overrides: dict[str, Any] | None = None,
     log: Log | None = _stderr,
 ) -> BuildResult:
-    """Build and publish a new index version from a job config (path, dict or JobConfig)."""
+    """Build and publish a new index version from a job config (path, dict or JobConfig).
+
+    With `run.id` set (or `run.resume: true`) a rerun resumes: fragments with a commit marker are not
+    embedded again."""
     import ray
     import ray.data
 
@@ -154,67 +107,67 @@ def build(
     tier_dims = tiers.resolve_tiers(cfg.index.tiers, info.dim)
     ckpt_hash = checkpoint_hash(spec.path)
     store = Storage(cfg.index.uri, cfg.index.storage_options())
-    run_id = _run_id(cfg)
+    fingerprint = build_fingerprint(cfg, ckpt_hash)
+    run_id = _resolve_run(cfg, store, fingerprint, log)
     model_json = cfg.model.model_dump_json()
     outputs_json = cfg.outputs.model_dump_json()
     window = (cfg.outputs.late_chunking.window if cfg.outputs.late_chunking else None) or info.max_length
     query_task = getattr(family, "query_task_for", lambda t: t)(cfg.model.task)
 
-    with ray_session(cfg):
+    with ray_session(cfg.resources):
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = bool(cfg.run.progress and sys.stderr.isatty())
         ctx.verbose_progress = False
-        cpus, gpus, threads = _resources(cfg)
+        ctx.target_max_block_size = None  # one block per fragment, never split: fragments are the commit unit
+        cpus, gpus, threads = actor_resources(cfg.resources)
 
         log(f"[embindex] run {run_id}: reading {cfg.source.uri}")
-        ds, fmt, files = read_corpus(cfg.source)
-        rows_in, duplicates = _count_and_find_duplicates(ds)
-        log(f"[embindex] {rows_in} rows in {len(files)} {fmt} file(s); {len(duplicates)} duplicated id(s)")
+        corpus = open_corpus(cfg.source)
+        rows_in, duplicates = _count_and_find_duplicates(corpus.dataset())
+        committed = read_commits(store, run_id)
+        todo = [f for f in corpus.fragments if f.id not in committed]
+        log(f"[embindex] {rows_in} rows in {len(corpus.files)} {corpus.format} file(s), "
+            f"{len(corpus.fragments)} fragment(s) ({len(corpus.fragments) - len(todo)} already committed); "
+            f"{len(duplicates)} duplicated id(s)")
         t_read = time.perf_counter()
 
-        rows_per_call = cfg.resources.rows_per_actor_call
-        if duplicates:
-            ds = ds.map_batches(mark_duplicates, batch_format="pyarrow",
-                                fn_kwargs={"duplicate_ids": frozenset(duplicates)})
-        ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=rows_per_call,
-                            fn_kwargs={"model_json": model_json, "outputs_json": outputs_json,
-                                       "role": cfg.model.role, "task": cfg.model.task,
-                                       "max_length": info.max_length})
-        reporter = ProgressReporter(rows_in, log, every=cfg.run.progress_seconds)
-        ds = ds.map_batches(
-            EmbedActor,
-            fn_constructor_kwargs={"model_json": model_json, "outputs_json": outputs_json,
-                                   "task": cfg.model.task, "batch_tokens": cfg.resources.batch_tokens,
-                                   "torch_threads": threads, "progress": reporter.counter, "window": window,
-                                   "window_overlap": window_overlap(cfg, window)},
-            compute=ray.data.ActorPoolStrategy(size=cfg.resources.actors),
-            batch_size=rows_per_call, batch_format="pyarrow", num_cpus=cpus, num_gpus=gpus,
-        )
-        ds = ds.map_batches(write_shard, batch_format="pyarrow", batch_size=cfg.index.shard_rows,
-                            fn_kwargs={"root": cfg.index.uri, "storage": cfg.index.storage,
-                                       "run_id": run_id})
-        records: list[dict[str, Any]] = []
-        done = 0
+        records = [r for f in corpus.fragments if f.id in committed for r in committed[f.id]]
         t_embed = time.perf_counter()
-        with reporter:
-            for rec in ds.iter_rows():
-                records.append(rec)
-                done += rec["rows"]
-                rate = done / max(time.perf_counter() - t_embed, 1e-9)
-                log(f"[embindex] {done}/{rows_in} rows written ({rate:.0f} rows/s)")
+        if todo:
+            ds = corpus.dataset(todo)
+            if duplicates:
+                ds = ds.map_batches(mark_duplicates, batch_format="pyarrow", batch_size=None,
+                                    fn_kwargs={"duplicate_ids": frozenset(duplicates)})
+            ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None,
+                                fn_kwargs={"model_json": model_json, "outputs_json": outputs_json,
+                                           "role": cfg.model.role, "task": cfg.model.task,
+                                           "max_length": info.max_length})
+            reporter = ProgressReporter(rows_in, log, every=cfg.run.progress_seconds)
+            ds = ds.map_batches(
+                EmbedActor,
+                fn_constructor_kwargs={"model_json": model_json, "outputs_json": outputs_json,
+                                       "task": cfg.model.task, "batch_tokens": cfg.resources.batch_tokens,
+                                       "torch_threads": threads, "progress": reporter.counter,
+                                       "window": window, "window_overlap": window_overlap(cfg, window)},
+                compute=ray.data.ActorPoolStrategy(size=cfg.resources.actors),
+                batch_size=None, batch_format="pyarrow", num_cpus=cpus, num_gpus=gpus,
+            )
+            ds = ds.map_batches(write_fragment, batch_format="pyarrow", batch_size=None,
+                                fn_kwargs={"root": cfg.index.uri, "storage": cfg.index.storage,
+                                           "run_id": run_id})
+            written = sum(r["rows"] for r in records)
+            with reporter:
+                for rec in ds.iter_rows():
+                    records.append(rec)
+                    written += rec["rows"]
+                    rate = written / max(time.perf_counter() - t_embed, 1e-9)
+                    log(f"[embindex] {written}/{rows_in} rows written ({rate:.0f} rows/s)")
         t_pipe = time.perf_counter()
 
         parts = sorted((r for r in records if r["kind"] == "part"), key=lambda r: r["path"])
         rejects = sorted((r for r in records if r["kind"] == "rejects"), key=lambda r: r["path"])
-        n_rows = sum(r["rows"] for r in parts)
-        n_rej = sum(r["rows"] for r in rejects)
-        keys = [k for p in parts for k in _row_keys(read_table(store, p["path"], columns=["id", "chunk"]))]
-        n_docs = len({i for i, _ in keys})
-        if n_docs + n_rej != rows_in:
-            raise ReconciliationError(f"rows in {rows_in} != indexed {n_docs} + rejected {n_rej}; not published")
-        if len(set(keys)) != len(keys):
-            raise ReconciliationError("a document (or chunk) was indexed more than once; not published")
+        n_rows, n_docs, n_rej = reconcile(store, parts, rejects, rows_in)
         dim = info.dim
         tier_entries, quality = build_tiers(store, [p["path"] for p in parts], dim, tier_dims, cfg.index, run_id)
         token_index = None
@@ -248,14 +201,60 @@ def build(
                               reasons=json.loads(r["reasons"] or "{}")) for r in rejects],
         counts=counts,
         quality=quality,
-        source={"uri": cfg.source.uri, "format": fmt, "files": len(files)},
+        source={"uri": cfg.source.uri, "format": corpus.format, "files": len(corpus.files),
+                "fragments": len(corpus.fragments)},
         config=json.loads(cfg.model_dump_json()),
         timings=timings,
+        fingerprint=fingerprint,
+        fragments={"total": len(corpus.fragments), "embedded": len(todo),
+                   "reused": len(corpus.fragments) - len(todo)},
     )
     _scrub_secrets(manifest.config)
     manifest_uri = publish(store, manifest)
-    result = BuildResult(cfg.index.uri, version, manifest_uri, counts.model_dump(), timings, manifest)
-    return result
+    return BuildResult(cfg.index.uri, version, manifest_uri, counts.model_dump(), timings, manifest)
+
+
+def reconcile(store: Storage, parts: list[dict[str, Any]], rejects: list[dict[str, Any]],
+              rows_in: int) -> tuple[int, int, int]:
+    """Check rows in = documents indexed + rows rejected and that no (id, chunk) is indexed twice.
+    Returns (rows, documents, rejected); raises ReconciliationError (nothing is published)."""
+    n_rows = sum(r["rows"] for r in parts)
+    n_rej = sum(r["rows"] for r in rejects)
+    keys = [k for p in parts for k in _row_keys(read_table(store, p["path"], columns=["id", "chunk"]))]
+    n_docs = len({i for i, _ in keys})
+    if len(set(keys)) != len(keys):
+        raise ReconciliationError("a document (or chunk) was indexed more than once; not published")
+    if n_docs + n_rej != rows_in:
+        raise ReconciliationError(f"rows in {rows_in} != indexed {n_docs} + rejected {n_rej}; not published")
+    return n_rows, n_docs, n_rej
+
+
+def build_fingerprint(cfg: JobConfig, checkpoint: str) -> str:
+    """What makes two builds' vectors comparable: model, task, role, dtype, length and outputs."""
+    m = cfg.model
+    payload = {"model": [m.name, checkpoint, m.task, m.role, m.dtype, m.max_length, m.pooling],
+               "outputs": cfg.outputs.model_dump(mode="json")}
+    return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _resolve_run(cfg: JobConfig, store: Storage, fingerprint: str, log: Log) -> str:
+    """The run id: `run.id`, or with `run.resume` the newest unpublished run, or a new one. A resumed run
+    must have the same fingerprint as the run it continues."""
+    run_id = cfg.run.id
+    if run_id is None and cfg.run.resume:
+        published = {read_manifest(store, v).run_id for v in list_versions(store)}
+        pending = unfinished_runs(store, published)
+        run_id = pending[-1] if pending else None
+        if run_id:
+            log(f"[embindex] resuming run {run_id}")
+    run_id = run_id or _run_id(cfg)
+    record = read_run_record(store, run_id)
+    if record is not None and record["fingerprint"] != fingerprint:
+        raise ValueError(f"run {run_id} was started with another model/outputs fingerprint; "
+                         "use a new run id")
+    if record is None:
+        write_run_record(store, run_id, fingerprint)
+    return run_id
 
 
 def window_overlap(cfg: JobConfig, window: int) -> int:

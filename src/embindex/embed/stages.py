@@ -12,7 +12,6 @@ Output modes (`OutputsConfig.mode`):
 
 from __future__ import annotations
 
-import os
 import time
 from functools import lru_cache
 from typing import Any
@@ -236,9 +235,3 @@ class EmbedActor:
         pooled = l2_normalize(pooled)
         out = batch.drop_columns(["input_ids"]).append_column(VECTOR_COLUMN, vectors_to_arrow(pooled, ~rejected))
         return out.append_column(TOKEN_VECTORS_COLUMN, token_vectors_to_arrow(per_row, dim))
-
-
-def default_torch_threads(cpus_per_actor: float | None) -> int:
-    if cpus_per_actor:
-        return max(1, int(cpus_per_actor))
-    return max(1, os.cpu_count() or 1)

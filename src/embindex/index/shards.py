@@ -33,16 +33,9 @@ SHARD_RECORD_SCHEMA = pa.schema(
         pa.field("sha256", pa.string()),
         pa.field("reasons", pa.string()),  # JSON {reason: count} for rejects files
         pa.field("tokens", pa.int64()),  # token vectors in a part (multi-vector outputs)
+        pa.field("fragment", pa.string()),  # the input fragment the file holds
     ]
 )
-
-
-def _digest(ids: list[str | None]) -> str:
-    h = hashlib.sha256()
-    for i in ids:
-        h.update((i or "\x00<null>").encode("utf-8", errors="surrogatepass"))
-        h.update(b"\x00")
-    return h.hexdigest()[:20]
 
 
 def _to_parquet_bytes(table: pa.Table) -> bytes:
@@ -63,10 +56,18 @@ def _token_count(docs: pa.Table) -> int:
     return int(pc.sum(pc.list_value_length(docs.column("token_vectors"))).as_py() or 0)
 
 
-def write_shard(batch: pa.Table, root: str, storage: dict[str, Any], run_id: str) -> pa.Table:
-    """Ray Data map_batches step: write one batch's documents and rejects; return their records."""
+def write_fragment(batch: pa.Table, root: str, storage: dict[str, Any], run_id: str) -> pa.Table:
+    """Ray Data step (one fragment per batch): write its part and rejects files under names derived from
+    the fragment id, then its commit marker; return the shard records. A retried task rewrites the same
+    names with the same content, so a fragment is never indexed twice."""
     import json
 
+    from .commits import write_commit
+
+    fragments = set(batch.column("fragment").to_pylist())
+    if len(fragments) != 1:
+        raise RuntimeError(f"a write batch must hold exactly one fragment, got {len(fragments)}")
+    fragment = fragments.pop()
     store = Storage(root, StorageOptions.from_dict(storage))
     is_reject = pc.is_valid(batch.column("reject"))
     columns = DOC_COLUMNS + [c for c in OPTIONAL_DOC_COLUMNS if c in batch.column_names]
@@ -74,21 +75,19 @@ def write_shard(batch: pa.Table, root: str, storage: dict[str, Any], run_id: str
     rejects = batch.filter(is_reject).select(REJECT_COLUMNS)
     records: list[dict[str, Any]] = []
     if docs.num_rows:
-        keys = [f"{i}#{c}" for i, c in zip(docs.column("id").to_pylist(), docs.column("chunk").to_pylist())]
-        rel = layout.part_path(run_id, _digest(keys))
+        rel = layout.part_path(run_id, fragment)
         size, sha = _put(store, rel, docs)
         records.append({"kind": "part", "path": rel, "rows": docs.num_rows, "bytes": size, "sha256": sha,
-                        "reasons": None, "tokens": _token_count(docs)})
+                        "reasons": None, "tokens": _token_count(docs), "fragment": fragment})
     if rejects.num_rows:
-        keys = [f"{r}:{s}:{l}:{i}" for r, s, l, i in zip(*(rejects.column(c).to_pylist()
-                                                           for c in ("reject", "source", "line", "id")))]
-        rel = layout.rejects_path(run_id, _digest(keys))
+        rel = layout.rejects_path(run_id, fragment)
         size, sha = _put(store, rel, rejects)
         counts: dict[str, int] = {}
         for r in rejects.column("reject").to_pylist():
             counts[r] = counts.get(r, 0) + 1
         records.append({"kind": "rejects", "path": rel, "rows": rejects.num_rows, "bytes": size, "sha256": sha,
-                        "reasons": json.dumps(counts), "tokens": 0})
+                        "reasons": json.dumps(counts), "tokens": 0, "fragment": fragment})
+    write_commit(store, run_id, fragment, records)
     return pa.Table.from_pylist(records, schema=SHARD_RECORD_SCHEMA)
 
 

@@ -185,14 +185,25 @@ def parse_text_file(data: bytes, path: str, doc_id: str, rules: RowRules) -> dic
 
 
 def mark_duplicates(table: pa.Table, duplicate_ids: frozenset[str] | set[str]) -> pa.Table:
-    """Turn documents whose id occurs more than once in the corpus into duplicate_id rejects."""
+    """Turn documents whose id occurs more than once in the corpus into duplicate_id rejects
+    (every other column, e.g. `fragment`, is kept)."""
     if not duplicate_ids or table.num_rows == 0:
         return table
-    rows = table.to_pylist()
-    out = []
-    for r in rows:
-        if r["reject"] is None and r["id"] in duplicate_ids:
-            r = reject_row(r["id"], Reasons.DUPLICATE_ID, "id occurs more than once among valid rows; "
-                        "every occurrence is rejected", r["source"], r["line"])
-        out.append(r)
-    return to_table(out)
+    import pyarrow.compute as pc
+
+    hit = pc.and_(pc.is_null(table.column("reject")),
+                  pc.fill_null(pc.is_in(table.column("id"), value_set=pa.array(sorted(duplicate_ids), pa.string())),
+                               False))
+    if not pc.any(hit).as_py():
+        return table
+    detail = "id occurs more than once among valid rows; every occurrence is rejected"
+    replace = {
+        "reject": pc.if_else(hit, Reasons.DUPLICATE_ID, table.column("reject")),
+        "reject_detail": pc.if_else(hit, detail, table.column("reject_detail")),
+        "text": pc.if_else(hit, pa.scalar(None, pa.string()), table.column("text")),
+        "content_hash": pc.if_else(hit, pa.scalar(None, pa.string()), table.column("content_hash")),
+        "meta": pc.if_else(hit, pa.scalar(None, pa.string()), table.column("meta")),
+    }
+    for name, col in replace.items():
+        table = table.set_column(table.schema.get_field_index(name), name, col)
+    return table

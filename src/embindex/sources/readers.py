@@ -1,11 +1,12 @@
 """Corpus readers: Parquet, JSONL (optionally gzipped) and text-file folders, local or object storage,
-through Ray Data with pyarrow filesystems. Each returns a dataset of normalized rows
-(`normalize.NORMALIZED_SCHEMA`), documents and rejects alike."""
+through Ray Data with pyarrow filesystems. A corpus is planned into fragments (`fragments.py`) and read
+as a dataset of normalized rows (`normalize.NORMALIZED_SCHEMA` + `fragment`), documents and rejects alike."""
 
 from __future__ import annotations
 
 import os
 import posixpath
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -13,15 +14,8 @@ import ray.data
 
 from ..config import SourceConfig
 from ..storage import arrow_filesystem, fsspec_filesystem, is_remote, strip_scheme
-from .normalize import (
-    Reasons,
-    RowRules,
-    normalize_record,
-    parse_jsonl,
-    parse_text_file,
-    reject_row,
-    to_table,
-)
+from .fragments import Fragment, plan_fragments, read_fragment
+from .normalize import RowRules, to_table
 
 FORMAT_EXTENSIONS = {
     "parquet": (".parquet", ".pq"),
@@ -90,64 +84,41 @@ def _select(files: list[str], fmt: str, cfg: SourceConfig) -> list[str]:
     return chosen
 
 
-def _parquet_batch(batch: pa.Table, rules: RowRules, source: str) -> pa.Table:
-    # Strings go through bytes so that invalid UTF-8 becomes a reject, not a crash in to_pylist().
-    cols = {}
-    for name in batch.column_names:
-        col = batch.column(name)
-        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            col = col.cast(pa.binary() if pa.types.is_string(col.type) else pa.large_binary())
-        cols[name] = col
-    raw = pa.table(cols).to_pylist()
-    rows = []
-    for rec in raw:
-        for name, value in rec.items():
-            if isinstance(value, bytes) and name != rules.text_column:
-                try:
-                    rec[name] = value.decode("utf-8")
-                except UnicodeDecodeError:
-                    rec[name] = value.decode("utf-8", errors="replace") if name != rules.id_column else value
-        rid = rec.get(rules.id_column)
-        if isinstance(rid, bytes):
-            rows.append(reject_row(rid.decode("utf-8", errors="replace"), Reasons.INVALID_UTF8,
-                                   "id is not valid UTF-8", source, None))
-            continue
-        rows.append(normalize_record(rec, rules, source, None))
-    return to_table(rows)
+def _read_batch(batch: pa.Table, fs: Any, rules: RowRules, root: str) -> pa.Table:
+    tables = [read_fragment(Fragment.from_json(j), fs, rules, root) for j in batch.column("fragment").to_pylist()]
+    return pa.concat_tables(tables) if tables else to_table([])
 
 
-def _binary_to_rows(batch: pa.Table, fmt: str, rules: RowRules, root: str) -> pa.Table:
-    rows: list[dict[str, Any]] = []
-    for data, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
-        if fmt == "jsonl":
-            rows.extend(parse_jsonl(data, path, rules))
-        else:
-            rel = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
-            rows.append(parse_text_file(data, path, rel, rules))
-    return to_table(rows)
+@dataclass
+class Corpus:
+    """A planned corpus: its files, format and fragments, and how to read fragments as a Ray dataset."""
+
+    uri: str
+    format: str
+    files: list[str]
+    fragments: list[Fragment]
+    fs: Any
+    rules: RowRules
+    root: str
+
+    def dataset(self, fragments: list[Fragment] | None = None) -> ray.data.Dataset:
+        """Normalized rows of the given fragments (default: all); one Ray Data block per fragment."""
+        frags = self.fragments if fragments is None else fragments
+        items = [{"fragment": f.to_json()} for f in frags]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        return ds.map_batches(_read_batch, batch_size=1, batch_format="pyarrow",
+                              fn_kwargs={"fs": self.fs, "rules": self.rules, "root": self.root})
 
 
-def read_corpus(cfg: SourceConfig) -> tuple[ray.data.Dataset, str, list[str]]:
-    """Dataset of normalized rows, the detected format and the files read."""
+def open_corpus(cfg: SourceConfig) -> Corpus:
+    """List, detect the format and plan the fragments of the source."""
     cfg = cfg.model_copy(update={"uri": resolve_source_uri(cfg.uri)})
     files = list_files(cfg)
     fmt = detect_format(cfg, files)
     files = _select(files, fmt, cfg)
     fs = arrow_filesystem(cfg.uri, cfg.storage_options())
-    rules = rules_for(cfg)
-    read_kwargs: dict[str, Any] = {"filesystem": fs}
-    if cfg.blocks:
-        read_kwargs["override_num_blocks"] = cfg.blocks
-    if fmt == "parquet":
-        ds = ray.data.read_parquet(files, **read_kwargs)
-        source = cfg.uri
-        ds = ds.map_batches(_parquet_batch, batch_format="pyarrow", batch_size=4096,
-                            fn_kwargs={"rules": rules, "source": source})
-    else:
-        root = strip_scheme(cfg.uri)
-        if len(files) == 1 and files[0] == root:
-            root = posixpath.dirname(root) if is_remote(cfg.uri) else os.path.dirname(root)
-        ds = ray.data.read_binary_files(files, include_paths=True, **read_kwargs)
-        ds = ds.map_batches(_binary_to_rows, batch_format="pyarrow", batch_size=1,
-                            fn_kwargs={"fmt": fmt, "rules": rules, "root": root})
-    return ds, fmt, files
+    root = strip_scheme(cfg.uri)
+    if len(files) == 1 and files[0] == root:
+        root = posixpath.dirname(root) if is_remote(cfg.uri) else os.path.dirname(root)
+    frags = plan_fragments(fs, files, fmt, cfg.fragment_rows, cfg.fragment_files)
+    return Corpus(cfg.uri, fmt, files, frags, fs, rules_for(cfg), root)

@@ -1,0 +1,129 @@
+"""Input fragments: the unit of work, of commit and of resume.
+
+A fragment is a deterministic slice of the corpus: a range of Parquet row groups, one JSONL file, or
+a group of text files. Its id hashes the format, the paths, the range and each file's size and
+modification tag, so the same corpus gives the same fragments in every run. Each fragment flows
+through the pipeline as one Ray Data block and is written as one part file plus one rejects file,
+named by the fragment id, then committed by a marker written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .normalize import RowRules, parse_jsonl, parse_text_file, to_table
+
+
+@dataclass(frozen=True)
+class Fragment:
+    id: str
+    format: str  # parquet | jsonl | text
+    paths: tuple[str, ...]  # filesystem paths (bucket/key on object stores)
+    row_groups: tuple[int, ...] = ()  # parquet only
+    rows: int | None = None  # rows known at planning time (parquet, text)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Fragment":
+        d = json.loads(text)
+        return cls(id=d["id"], format=d["format"], paths=tuple(d["paths"]), row_groups=tuple(d["row_groups"]),
+                   rows=d["rows"])
+
+
+def _fragment_id(fmt: str, infos: list[pafs.FileInfo], extra: Any = None) -> str:
+    h = hashlib.sha256(fmt.encode())
+    for info in infos:
+        tag = info.mtime_ns if info.mtime_ns is not None else ""
+        h.update(f"\0{info.path}\0{info.size}\0{tag}".encode())
+    h.update(json.dumps(extra).encode())
+    return h.hexdigest()[:24]
+
+
+def plan_fragments(fs: pafs.FileSystem, files: list[str], fmt: str, fragment_rows: int,
+                   fragment_files: int) -> list[Fragment]:
+    """Split the corpus files into fragments (deterministic order and ids)."""
+    infos = fs.get_file_info(files)
+    frags: list[Fragment] = []
+    if fmt == "parquet":
+        for info in infos:
+            with fs.open_input_file(info.path) as f:
+                meta = pq.ParquetFile(f).metadata
+            groups: list[int] = []
+            rows = 0
+            for g in range(meta.num_row_groups):
+                n = meta.row_group(g).num_rows
+                if groups and rows + n > fragment_rows:
+                    frags.append(Fragment(_fragment_id(fmt, [info], groups), fmt, (info.path,), tuple(groups), rows))
+                    groups, rows = [], 0
+                groups.append(g)
+                rows += n
+            if groups or meta.num_row_groups == 0:
+                frags.append(Fragment(_fragment_id(fmt, [info], groups), fmt, (info.path,), tuple(groups), rows))
+    elif fmt == "jsonl":
+        frags = [Fragment(_fragment_id(fmt, [info]), fmt, (info.path,)) for info in infos]
+    else:
+        for i in range(0, len(infos), fragment_files):
+            group = infos[i : i + fragment_files]
+            frags.append(Fragment(_fragment_id(fmt, group), fmt, tuple(x.path for x in group), (), len(group)))
+    return frags
+
+
+def _parquet_rows(table: pa.Table, rules: RowRules, source: str) -> list[dict[str, Any]]:
+    from .normalize import Reasons, normalize_record, reject_row
+
+    # Strings go through bytes so that invalid UTF-8 becomes a reject, not a crash in to_pylist().
+    cols = {}
+    for name in table.column_names:
+        col = table.column(name)
+        if pa.types.is_string(col.type):
+            col = col.cast(pa.binary())
+        elif pa.types.is_large_string(col.type):
+            col = col.cast(pa.large_binary())
+        cols[name] = col
+    rows = []
+    for line, rec in enumerate(pa.table(cols).to_pylist(), start=1):
+        for name, value in rec.items():
+            if isinstance(value, bytes) and name not in (rules.text_column, rules.id_column):
+                rec[name] = value.decode("utf-8", errors="replace")
+        rid = rec.get(rules.id_column)
+        if isinstance(rid, bytes):
+            try:
+                rec[rules.id_column] = rid.decode("utf-8")
+            except UnicodeDecodeError:
+                rows.append(reject_row(rid.decode("utf-8", errors="replace"), Reasons.INVALID_UTF8,
+                                       "id is not valid UTF-8", source, line))
+                continue
+        rows.append(normalize_record(rec, rules, source, line))
+    return rows
+
+
+def read_fragment(frag: Fragment, fs: pafs.FileSystem, rules: RowRules, root: str) -> pa.Table:
+    """All normalized rows (documents and rejects) of one fragment, tagged with its id."""
+    rows: list[dict[str, Any]] = []
+    if frag.format == "parquet":
+        with fs.open_input_file(frag.paths[0]) as f:
+            table = pq.ParquetFile(f).read_row_groups(list(frag.row_groups)) if frag.row_groups else None
+        if table is not None:
+            rows = _parquet_rows(table, rules, frag.paths[0])
+    else:
+        for path in frag.paths:
+            # Ray-style transparent decompression is not wanted here: bytes as stored.
+            with fs.open_input_stream(path, compression=None) as f:
+                data = f.read()
+            if frag.format == "jsonl":
+                rows.extend(parse_jsonl(data, path, rules))
+            else:
+                rel = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
+                rows.append(parse_text_file(data, path, rel, rules))
+    out = to_table(rows)
+    return out.append_column("fragment", pa.array([frag.id] * out.num_rows, pa.string()))
