@@ -32,6 +32,12 @@ class TierEntry(_M):
     files: list[str]
     bytes_per_vector: float | None = None
     build_seconds: float | None = None
+    # how `files` make up the tier: "single" (one index), "shards" (one index per Parquet shard, global ids),
+    # "ondisk" (an IVF index file + its on-disk inverted lists file); see index/tier_io.py
+    layout: str = "single"
+    ntotal: int | None = None
+    search_params: dict[str, Any] = Field(default_factory=dict)  # e.g. nprobe, efSearch floor
+    build: dict[str, Any] = Field(default_factory=dict)  # train/fill/merge seconds, training rows
 
 
 class ModelEntry(_M):
@@ -74,6 +80,8 @@ class Manifest(_M):
     source: dict[str, Any] = Field(default_factory=dict)
     config: dict[str, Any] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
+    fingerprint: str | None = None  # model + outputs settings: vectors of two versions are comparable iff equal
+    fragments: dict[str, int] = Field(default_factory=dict)  # total / embedded / reused in this run
 
     def tier(self, dim: int | None) -> TierEntry:
         """The tier of width `dim` (None: the narrowest)."""
