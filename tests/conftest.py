@@ -15,6 +15,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 S3_KEY, S3_SECRET, S3_REGION = "testing", "testing", "us-east-1"

@@ -158,7 +158,7 @@ class ResourcesConfig(_Section):
     actors: int = Field(1, ge=1)
     cpus_per_actor: float | None = Field(None, gt=0)
     gpus_per_actor: float | None = Field(None, ge=0)
-    batch_tokens: int = Field(16384, gt=0, description="max padded tokens per forward batch")
+    batch_tokens: int = Field(4096, gt=0, description="max padded tokens per forward batch (GPUs: 16k-64k)")
     rows_per_actor_call: int = Field(1024, gt=0)
     ray_address: str | None = None
     num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray started in-process")
@@ -170,6 +170,7 @@ class RunConfig(_Section):
     resume: bool = False
     progress: bool = True
     progress_seconds: float = Field(10.0, gt=0, description="interval of the embedded-rows progress line")
+    max_attempts: int = Field(3, ge=1, description="passes over uncommitted fragments after a failure")
 
 
 class JobConfig(_Section):

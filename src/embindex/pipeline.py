@@ -73,15 +73,16 @@ def _run_id(cfg: JobConfig) -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
 
 
-def _count_and_find_duplicates(ds: Any) -> tuple[int, set[str]]:
-    """First pass over the normalized rows: total rows and ids that occur more than once among documents."""
-
+def _count_and_find_duplicates(ds: Any) -> tuple[Counter[str], set[str]]:
+    """First pass over the normalized rows: rows per fragment and the ids that occur more than once
+    among documents."""
     seen: Counter[str] = Counter()
-    rows = 0
-    for batch in ds.select_columns(["id", "reject"]).iter_batches(batch_format="pyarrow", batch_size=None):
-        rows += batch.num_rows
+    per_fragment: Counter[str] = Counter()
+    for batch in ds.select_columns(["id", "reject", "fragment"]).iter_batches(batch_format="pyarrow",
+                                                                              batch_size=None):
+        per_fragment.update(batch.column("fragment").to_pylist())
         seen.update(batch.filter(pc.is_null(batch.column("reject"))).column("id").to_pylist())
-    return rows, {i for i, n in seen.items() if n > 1}
+    return per_fragment, {i for i, n in seen.items() if n > 1}
 
 
 def build(
@@ -124,45 +125,41 @@ def build(
 
         log(f"[embindex] run {run_id}: reading {cfg.source.uri}")
         corpus = open_corpus(cfg.source)
-        rows_in, duplicates = _count_and_find_duplicates(corpus.dataset())
+        per_fragment, duplicates = _count_and_find_duplicates(corpus.dataset())
+        rows_in = sum(per_fragment.values())
         committed = read_commits(store, run_id)
-        todo = [f for f in corpus.fragments if f.id not in committed]
+        todo = [f for f in corpus.fragments if f.id not in committed and per_fragment[f.id]]
+        reused = len(corpus.fragments) - len(todo)
         log(f"[embindex] {rows_in} rows in {len(corpus.files)} {corpus.format} file(s), "
             f"{len(corpus.fragments)} fragment(s) ({len(corpus.fragments) - len(todo)} already committed); "
             f"{len(duplicates)} duplicated id(s)")
         t_read = time.perf_counter()
 
-        records = [r for f in corpus.fragments if f.id in committed for r in committed[f.id]]
         t_embed = time.perf_counter()
-        if todo:
-            ds = corpus.dataset(todo)
-            if duplicates:
-                ds = ds.map_batches(mark_duplicates, batch_format="pyarrow", batch_size=None,
-                                    fn_kwargs={"duplicate_ids": frozenset(duplicates)})
-            ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None,
-                                fn_kwargs={"model_json": model_json, "outputs_json": outputs_json,
-                                           "role": cfg.model.role, "task": cfg.model.task,
-                                           "max_length": info.max_length})
-            reporter = ProgressReporter(rows_in, log, every=cfg.run.progress_seconds)
-            ds = ds.map_batches(
-                EmbedActor,
-                fn_constructor_kwargs={"model_json": model_json, "outputs_json": outputs_json,
-                                       "task": cfg.model.task, "batch_tokens": cfg.resources.batch_tokens,
-                                       "torch_threads": threads, "progress": reporter.counter,
-                                       "window": window, "window_overlap": window_overlap(cfg, window)},
-                compute=ray.data.ActorPoolStrategy(size=cfg.resources.actors),
-                batch_size=None, batch_format="pyarrow", num_cpus=cpus, num_gpus=gpus,
-            )
-            ds = ds.map_batches(write_fragment, batch_format="pyarrow", batch_size=None,
-                                fn_kwargs={"root": cfg.index.uri, "storage": cfg.index.storage,
-                                           "run_id": run_id})
-            written = sum(r["rows"] for r in records)
-            with reporter:
-                for rec in ds.iter_rows():
-                    records.append(rec)
-                    written += rec["rows"]
-                    rate = written / max(time.perf_counter() - t_embed, 1e-9)
-                    log(f"[embindex] {written}/{rows_in} rows written ({rate:.0f} rows/s)")
+        embed_kwargs = {"model_json": model_json, "outputs_json": outputs_json, "task": cfg.model.task,
+                        "batch_tokens": cfg.resources.batch_tokens, "torch_threads": threads,
+                        "window": window, "window_overlap": window_overlap(cfg, window)}
+        for attempt in range(1, cfg.run.max_attempts + 1):
+            try:
+                _embed_fragments(cfg, corpus, todo, duplicates, run_id, info.max_length, embed_kwargs,
+                                 (cpus, gpus), rows_in, log)
+                break
+            except (ray.exceptions.RayError, OSError) as e:
+                if attempt == cfg.run.max_attempts:
+                    raise
+                committed = read_commits(store, run_id)
+                todo = [f for f in corpus.fragments if f.id not in committed and per_fragment[f.id]]
+                log(f"[embindex] attempt {attempt} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                    f"retrying the {len(todo)} uncommitted fragment(s)")
+        committed = read_commits(store, run_id)
+        missing = [f.id for f in corpus.fragments if f.id not in committed and per_fragment[f.id]]
+        if missing:
+            raise ReconciliationError(f"{len(missing)} fragment(s) have no commit marker; not published")
+        for f in corpus.fragments:
+            got = sum(r["rows"] for r in committed.get(f.id, []))
+            if got and got < per_fragment[f.id]:
+                raise ReconciliationError(f"fragment {f.id} committed {got} of {per_fragment[f.id]} rows")
+        records = [r for f in corpus.fragments for r in committed.get(f.id, [])]
         t_pipe = time.perf_counter()
 
         parts = sorted((r for r in records if r["kind"] == "part"), key=lambda r: r["path"])
@@ -206,12 +203,44 @@ def build(
         config=json.loads(cfg.model_dump_json()),
         timings=timings,
         fingerprint=fingerprint,
-        fragments={"total": len(corpus.fragments), "embedded": len(todo),
-                   "reused": len(corpus.fragments) - len(todo)},
+        fragments={"total": len(corpus.fragments), "embedded": len(corpus.fragments) - reused,
+                   "reused": reused},
     )
     _scrub_secrets(manifest.config)
     manifest_uri = publish(store, manifest)
     return BuildResult(cfg.index.uri, version, manifest_uri, counts.model_dump(), timings, manifest)
+
+
+def _embed_fragments(cfg: JobConfig, corpus: Any, todo: list[Any], duplicates: set[str], run_id: str,
+                     max_length: int, embed_kwargs: dict[str, Any], actor_res: tuple[float, float],
+                     rows_in: int, log: Log) -> None:
+    """Run read -> tokenize -> embed -> write+commit over the fragments in `todo`."""
+    import ray.data
+
+    if not todo:
+        return
+    ds = corpus.dataset(todo)
+    if duplicates:
+        ds = ds.map_batches(mark_duplicates, batch_format="pyarrow", batch_size=None,
+                            fn_kwargs={"duplicate_ids": frozenset(duplicates)})
+    ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None,
+                        fn_kwargs={"model_json": embed_kwargs["model_json"],
+                                   "outputs_json": embed_kwargs["outputs_json"], "role": cfg.model.role,
+                                   "task": cfg.model.task, "max_length": max_length})
+    reporter = ProgressReporter(rows_in, log, every=cfg.run.progress_seconds)
+    ds = ds.map_batches(
+        EmbedActor, fn_constructor_kwargs={**embed_kwargs, "progress": reporter.counter},
+        compute=ray.data.ActorPoolStrategy(size=cfg.resources.actors),
+        batch_size=None, batch_format="pyarrow", num_cpus=actor_res[0], num_gpus=actor_res[1],
+    )
+    ds = ds.map_batches(write_fragment, batch_format="pyarrow", batch_size=None,
+                        fn_kwargs={"root": cfg.index.uri, "storage": cfg.index.storage, "run_id": run_id})
+    written, start = 0, time.perf_counter()
+    with reporter:
+        for rec in ds.iter_rows():
+            written += rec["rows"]
+            rate = written / max(time.perf_counter() - start, 1e-9)
+            log(f"[embindex] {written} rows written this pass ({rate:.0f} rows/s)")
 
 
 def reconcile(store: Storage, parts: list[dict[str, Any]], rejects: list[dict[str, Any]],

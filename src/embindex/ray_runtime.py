@@ -23,6 +23,8 @@ def ray_session(res: ResourcesConfig) -> Iterator[None]:
         ray.init(address=res.ray_address, log_to_driver=False)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private in-process cluster
+        # Ray starts workers at nice 15; the embed actors would then lose the CPU to any other process.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ncpu = os.cpu_count() or 2
         # one more logical CPU than cores: read/write tasks must never starve behind the actors
         ray.init(num_cpus=res.num_cpus or ncpu + 1, include_dashboard=False, log_to_driver=False,

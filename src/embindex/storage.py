@@ -7,14 +7,19 @@ standard AWS environment variables; they are never logged, and `StorageOptions._
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence, TypeVar
 from urllib.parse import urlparse
 
 import fsspec
 import pyarrow.fs as pafs
+
+log = logging.getLogger("embindex.storage")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,8 @@ def arrow_filesystem(uri: str, options: StorageOptions | None = None) -> pafs.Fi
     if scheme == "file":
         return pafs.LocalFileSystem()
     if scheme in ("s3", "s3a"):
-        kwargs: dict[str, Any] = {"region": opts.region or "us-east-1"}
+        kwargs: dict[str, Any] = {"region": opts.region or "us-east-1",
+                                  "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=10)}
         if opts.anon:
             kwargs["anonymous"] = True
         elif opts.key and opts.secret:
@@ -123,8 +129,28 @@ def arrow_filesystem(uri: str, options: StorageOptions | None = None) -> pafs.Fi
     return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_filesystem(uri, options)))
 
 
+RETRY_DELAYS = (0.5, 1, 2, 4, 8, 15)  # ~30 s: rides out an object store restart or a network blip
+
+
+def with_retries(fn: Callable[[], T], what: str, delays: Sequence[float] = RETRY_DELAYS) -> T:
+    """Run `fn`, retrying transient I/O failures (connection errors, timeouts, 5xx) with backoff.
+    Missing files and permission errors are not retried."""
+    for attempt, delay in enumerate((*delays, None)):
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+            raise
+        except (OSError, TimeoutError, ConnectionError) as e:
+            if delay is None:
+                raise OSError(f"{what} failed after {attempt + 1} attempts: {e}") from e
+            log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(e).__name__, e, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
 class Storage:
-    """A root URI with its filesystem: read/write small files and list under it."""
+    """A root URI with its filesystem: read/write small files and list under it. Object-store calls are
+    retried on transient errors; writes are whole objects, so a retried write is idempotent."""
 
     def __init__(self, root: str, options: StorageOptions | None = None):
         self.root = root.rstrip("/") if is_remote(root) else strip_scheme(root)
@@ -138,11 +164,14 @@ class Storage:
         return strip_scheme(self.uri(rel))
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.fs_path(rel))
+        return with_retries(lambda: self.fs.exists(self.fs_path(rel)), f"exists {rel}")
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open(self.fs_path(rel), "rb") as f:
-            return f.read()
+        def read() -> bytes:
+            with self.fs.open(self.fs_path(rel), "rb") as f:
+                return f.read()
+
+        return with_retries(read, f"read {rel}")
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
@@ -159,14 +188,21 @@ class Storage:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
             return
-        with self.fs.open(path, "wb") as f:
-            f.write(data)
+        def put() -> None:
+            with self.fs.open(path, "wb") as f:
+                f.write(data)
+
+        with_retries(put, f"write {rel}")
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
 
     def listdir(self, rel: str) -> list[str]:
         path = self.fs_path(rel)
-        if not self.fs.exists(path):
-            return []
-        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
+
+        def ls() -> list[str]:
+            if not self.fs.exists(path):
+                return []
+            return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
+
+        return with_retries(ls, f"list {rel}")

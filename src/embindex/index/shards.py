@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..storage import Storage, StorageOptions
+from ..storage import Storage, StorageOptions, with_retries
 from . import layout
 
 DOC_COLUMNS = ["id", "chunk", "start", "end", "content_hash", "meta", "source", "vector"]
@@ -65,6 +65,8 @@ def write_fragment(batch: pa.Table, root: str, storage: dict[str, Any], run_id: 
     from .commits import write_commit
 
     fragments = set(batch.column("fragment").to_pylist())
+    if not fragments:  # an empty fragment: nothing to write, nothing to commit
+        return pa.Table.from_pylist([], schema=SHARD_RECORD_SCHEMA)
     if len(fragments) != 1:
         raise RuntimeError(f"a write batch must hold exactly one fragment, got {len(fragments)}")
     fragment = fragments.pop()
@@ -92,8 +94,11 @@ def write_fragment(batch: pa.Table, root: str, storage: dict[str, Any], run_id: 
 
 
 def read_table(storage: Storage, rel: str, columns: list[str] | None = None) -> pa.Table:
-    with storage.fs.open(storage.fs_path(rel), "rb") as f:
-        return pq.read_table(f, columns=columns)
+    def read() -> pa.Table:
+        with storage.fs.open(storage.fs_path(rel), "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    return with_retries(read, f"read {rel}")
 
 
 def vectors_of(table: pa.Table, column: str = "vector") -> np.ndarray:

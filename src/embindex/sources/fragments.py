@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from ..storage import with_retries
 from .normalize import RowRules, parse_jsonl, parse_text_file, to_table
 
 
@@ -107,19 +108,27 @@ def _parquet_rows(table: pa.Table, rules: RowRules, source: str) -> list[dict[st
     return rows
 
 
+def _read_row_groups(fs: pafs.FileSystem, path: str, groups: list[int]) -> pa.Table:
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).read_row_groups(groups)
+
+
+def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path, compression=None) as f:  # bytes as stored; gzip is handled by the parser
+        return f.read()
+
+
 def read_fragment(frag: Fragment, fs: pafs.FileSystem, rules: RowRules, root: str) -> pa.Table:
     """All normalized rows (documents and rejects) of one fragment, tagged with its id."""
     rows: list[dict[str, Any]] = []
     if frag.format == "parquet":
-        with fs.open_input_file(frag.paths[0]) as f:
-            table = pq.ParquetFile(f).read_row_groups(list(frag.row_groups)) if frag.row_groups else None
-        if table is not None:
-            rows = _parquet_rows(table, rules, frag.paths[0])
+        if frag.row_groups:
+            path = frag.paths[0]
+            table = with_retries(lambda: _read_row_groups(fs, path, list(frag.row_groups)), f"read {path}")
+            rows = _parquet_rows(table, rules, path)
     else:
         for path in frag.paths:
-            # Ray-style transparent decompression is not wanted here: bytes as stored.
-            with fs.open_input_stream(path, compression=None) as f:
-                data = f.read()
+            data = with_retries(lambda: _read_bytes(fs, path), f"read {path}")
             if frag.format == "jsonl":
                 rows.extend(parse_jsonl(data, path, rules))
             else:
