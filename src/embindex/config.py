@@ -159,7 +159,6 @@ class ResourcesConfig(_Section):
     cpus_per_actor: float | None = Field(None, gt=0)
     gpus_per_actor: float | None = Field(None, ge=0)
     batch_tokens: int = Field(4096, gt=0, description="max padded tokens per forward batch (GPUs: 16k-64k)")
-    rows_per_actor_call: int = Field(1024, gt=0)
     ray_address: str | None = None
     num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray started in-process")
     torch_threads: int | None = Field(None, gt=0)
