@@ -1,41 +1,230 @@
-"""Build every Matryoshka tier of a version from its Parquet shards and measure their quality."""
+"""Build every Matryoshka tier of a version from its Parquet shards and measure their quality.
+
+Memory is bounded by the reservoir sample plus one shard (per parallel task), not by the corpus:
+
+  1. sample   one pass over the shards: row counts (-> ordinal offsets) and a reservoir sample of
+              `train_sample + quality_sample` full-width rows (float16)
+  2. plan     per tier: factory (`auto` by corpus size and `memory_budget_mb`, see factories.py)
+              and layout: IVF -> "ondisk"; others -> "single" up to `single_file_max_rows`, else "shards"
+  3. train    once per tier on the sample minus the held-out queries (GPU when faiss-gpu sees one)
+  4. fill     "single" tiers: here, shard by shard into one index. "shards"/"ondisk" tiers: one Ray
+              task per Parquet shard fills all of them from one read of the shard (filling.py)
+  5. quality  recall@10 / latency per tier and for the funnel on the held-out queries (quality.py);
+              IVF tiers are searched as their shards, loaded one at a time (same results as the
+              merged index up to exact ties, see tests) so that no corpus-sized file is mapped here
+  6. merge    "ondisk" tiers: shard lists copied into one on-disk inverted-lists file (merge.py),
+              shard files removed
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
 
 from ..config import IndexConfig
-from ..storage import Storage
-from . import layout, tiers
+from ..storage import Storage, is_remote
+from . import tiers
+from .factories import auto_factory, default_search_params, ivf_of, make_index, metric_name
+from .filling import FillJob, fill_shard, run_tasks
 from .manifest import TierEntry
-from .shards import read_table, vectors_of
+from .merge import merge_ondisk
+from .quality import quality_report, split_queries
+from .sampling import ShardScan, sample_shards
+from .tier_io import ONDISK, SHARDS, SINGLE, index_rel, ivfdata_rel, shard_index_rel
+from .training import train_index
+from .vector_io import read_vectors
 
 
-def load_vectors(store: Storage, shard_paths: Sequence[str], dim: int) -> np.ndarray:
-    """Full-width vectors of all shards in manifest order (row ordinal = FAISS id)."""
-    arrays = [vectors_of(read_table(store, p, columns=["vector"])) for p in shard_paths]
-    return np.concatenate(arrays) if arrays else np.zeros((0, dim), np.float32)
+@dataclass
+class TierPlan:
+    dim: int
+    factory: str
+    layout: str
+    trained: Any = None
+    build: dict[str, Any] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    nbytes: int = 0
+    index: Any = None  # the in-memory index of a "single" tier
+
+
+def plan_tier(dim: int, factory: str, n: int, cfg: IndexConfig) -> TierPlan:
+    """Resolve `auto` and choose the layout of one tier."""
+    if factory == "auto":
+        factory = auto_factory(n, dim, cfg.memory_budget_mb)
+    probe = make_index(factory, dim)
+    if ivf_of(probe) is not None:
+        layout = ONDISK
+    elif n <= cfg.single_file_max_rows:
+        layout = SINGLE
+    else:
+        layout = SHARDS
+    return TierPlan(dim=dim, factory=factory, layout=layout)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _train(plans: Sequence[TierPlan], sample: np.ndarray) -> None:
+    for p in plans:
+        t0 = time.perf_counter()
+        p.trained = train_index(p.factory, p.dim, tiers.truncate(sample, p.dim))
+        p.build["train_s"] = round(time.perf_counter() - t0, 3)
+        p.build["train_rows"] = int(len(sample)) if not make_index(p.factory, p.dim).is_trained else 0
+
+
+def _fill_single(store: Storage, shard_paths: Sequence[str], scan: ShardScan, plans: Sequence[TierPlan],
+                 run_id: str) -> None:
+    """Single-file tiers: one read per shard, added in ordinal order (ids = ordinals, no id map)."""
+    if not plans:
+        return
+    for p in plans:
+        p.index = tiers.deserialize(tiers.serialize(p.trained))
+        p.build["fill_s"] = 0.0
+    for rel in shard_paths:
+        full = read_vectors(store, rel)
+        for p in plans:
+            t0 = time.perf_counter()
+            p.index.add(tiers.truncate(full, p.dim))
+            p.build["fill_s"] += time.perf_counter() - t0
+        del full
+    for p in plans:
+        data = tiers.serialize(p.index)
+        rel = index_rel(run_id, p.dim)
+        store.write_bytes(rel, data)
+        p.files, p.nbytes = [rel], len(data)
+        p.build["fill_s"] = round(p.build["fill_s"], 3)
+
+
+def _fill_parallel(store: Storage, shard_paths: Sequence[str], scan: ShardScan, plans: Sequence[TierPlan],
+                   run_id: str) -> dict[int, list[dict[str, Any]]]:
+    """Sharded and on-disk tiers: one task per shard fills all of them; returns per-tier task results."""
+    if not plans:
+        return {}
+    calls = []
+    for i, (rel, off) in enumerate(zip(shard_paths, scan.offsets)):
+        jobs = [FillJob(p.dim, shard_index_rel(run_id, p.dim, i), wrap_ids=p.layout == SHARDS) for p in plans]
+        calls.append((store.root, store.options, rel, off, jobs))
+    trained = {p.dim: tiers.serialize(p.trained) for p in plans}
+    results = run_tasks(fill_shard, calls, shared={"trained": trained})
+    per_tier: dict[int, list[dict[str, Any]]] = {p.dim: [] for p in plans}
+    for shard_results in results:
+        for r in shard_results:
+            per_tier[r["dim"]].append(r)
+    for p in plans:
+        rs = per_tier[p.dim]
+        p.build["fill_s"] = round(sum(r["seconds"] for r in rs), 3)
+        p.build["fill_task_peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in rs), 1)
+        if p.layout == SHARDS:
+            p.files = [r["rel"] for r in rs]
+            p.nbytes = sum(r["bytes"] for r in rs)
+    return per_tier
+
+
+def _merge(store: Storage, plan: TierPlan, results: list[dict[str, Any]], run_id: str) -> None:
+    """Merge one IVF tier's shard indexes into tier-<dim>.faiss + tier-<dim>.ivfdata; drop the shard files."""
+    t0 = time.perf_counter()
+    idx_rel, data_rel = index_rel(run_id, plan.dim), ivfdata_rel(run_id, plan.dim)
+    local = not is_remote(store.root)
+    workdir = os.path.dirname(store.fs_path(data_rel)) if local else tempfile.mkdtemp(prefix="embindex-merge-")
+    os.makedirs(workdir, exist_ok=True)
+    data_path = os.path.join(workdir, os.path.basename(data_rel))
+    header_tmp = tempfile.mkdtemp(prefix="embindex-hdr-")
+    header_path = os.path.join(header_tmp, os.path.basename(idx_rel))
+    try:
+        shards = (tiers.deserialize(store.read_bytes(r["rel"])) for r in results)
+        merge_ondisk(plan.trained, shards, [r["list_sizes"] for r in results], header_path, data_path)
+        with open(header_path, "rb") as f:
+            header = f.read()
+        store.write_bytes(idx_rel, header)
+        if not local:
+            store.fs.put_file(data_path, store.fs_path(data_rel))
+        plan.nbytes = len(header) + os.path.getsize(data_path)
+    finally:
+        shutil.rmtree(header_tmp, ignore_errors=True)
+        if not local:
+            shutil.rmtree(workdir, ignore_errors=True)
+    for r in results:
+        store.fs.rm(store.fs_path(r["rel"]))
+    plan.files = [idx_rel, data_rel]
+    plan.build["merge_s"] = round(time.perf_counter() - t0, 3)
+
+
+def _searcher(store: Storage, plan: TierPlan, n_per_shard: Sequence[int]):
+    """Search object over what was written, memory-bounded: the in-memory single index, or the shard
+    files loaded one at a time (sharded and not-yet-merged IVF tiers)."""
+    from ..search.funnel import ShardedIndex, TierSearcher
+
+    metric = metric_name(plan.factory)
+    params = default_search_params(plan.trained)
+    if plan.layout == SINGLE:
+        index = plan.index
+    else:
+        loaders = [lambda f=f: tiers.deserialize(store.read_bytes(f)) for f in plan.files]
+        index = ShardedIndex(loaders, higher_is_better=metric != "hamming", ntotals=n_per_shard, d=plan.dim)
+    return TierSearcher(index, metric=metric, params=params)
 
 
 def build_tiers(store: Storage, shard_paths: Sequence[str], dim: int, tier_dims: Sequence[int],
                 cfg: IndexConfig, run_id: str) -> tuple[list[TierEntry], dict]:
-    """Write one FAISS index per tier under the run's folder; return manifest entries and the quality report."""
-    vectors = load_vectors(store, shard_paths, dim)
-    entries, built = [], {}
-    for d in tier_dims:
-        factory = cfg.factory_for(d)
-        rel = layout.tier_path(run_id, d)
-        bpv, seconds = None, None
-        if len(vectors):
-            index, stats = tiers.build_tier(vectors, d, factory)
-            factory, seconds = stats["factory"], stats["build_seconds"]
-            data = tiers.serialize(index)
-            store.write_bytes(rel, data)
-            built[d] = index
-            bpv = round(len(data) / index.ntotal, 2)
-        entries.append(TierEntry(dim=d, factory=factory, metric=cfg.metric, files=[rel], bytes_per_vector=bpv,
-                                 build_seconds=seconds))
-    quality = tiers.quality_report(vectors, built, cfg.quality_sample, cfg.rescore)
+    """Write the FAISS files of every tier under the run's folder; return manifest entries and the quality report."""
+    from ..search.funnel import ParquetVectors
+
+    t_start = time.perf_counter()
+    scan = sample_shards(store, shard_paths, cfg.train_sample + cfg.quality_sample, dim)
+    n = scan.total
+    t_sample = time.perf_counter()
+    plans = [plan_tier(d, cfg.factory_for(d), n, cfg) for d in tier_dims]
+    if n == 0:
+        entries = [TierEntry(dim=p.dim, factory=p.factory, metric=metric_name(p.factory),
+                             files=[index_rel(run_id, p.dim)], layout=p.layout, ntotal=0) for p in plans]
+        return entries, {"k": 10, "queries": 0, "rescore_factor": cfg.rescore, "tiers": {}}
+    q_pos, train_pos = split_queries(scan.ordinals, cfg.quality_sample)
+    _train(plans, scan.vectors[train_pos].astype(np.float32))
+    t_train = time.perf_counter()
+    _fill_single(store, shard_paths, scan, [p for p in plans if p.layout == SINGLE], run_id)
+    per_tier = _fill_parallel(store, shard_paths, scan, [p for p in plans if p.layout != SINGLE], run_id)
+    t_fill = time.perf_counter()
+    for p in plans:
+        if p.layout == ONDISK:
+            p.files = [r["rel"] for r in per_tier[p.dim]]
+            p.nbytes = sum(r["bytes"] for r in per_tier[p.dim])  # estimate until merged
+    searchers = {p.dim: _searcher(store, p, scan.rows) for p in plans}
+    source = ParquetVectors(store, shard_paths, scan.rows, dim)
+    queries = scan.vectors[q_pos].astype(np.float32)
+    quality = quality_report(searchers, source, queries, scan.ordinals[q_pos], 10, cfg.rescore)
+    del searchers
+    t_quality = time.perf_counter()
+    for p in plans:
+        p.index = None
+        if p.layout == ONDISK:
+            _merge(store, p, per_tier[p.dim], run_id)
+    t_merge = time.perf_counter()
+
+    entries = []
+    for p in plans:
+        b = p.build
+        seconds = round(b.get("train_s", 0) + b.get("fill_s", 0) + b.get("merge_s", 0), 3)
+        bpv = round(p.nbytes / n, 2)
+        entries.append(TierEntry(dim=p.dim, factory=p.factory, metric=metric_name(p.factory), files=p.files,
+                                 bytes_per_vector=bpv, build_seconds=seconds, layout=p.layout, ntotal=n,
+                                 search_params=default_search_params(p.trained), build=dict(b)))
+        if str(p.dim) in quality["tiers"]:
+            quality["tiers"][str(p.dim)].update(factory=p.factory, layout=p.layout, bytes_per_vector=bpv,
+                                                build_seconds=seconds)
+    quality["build"] = {
+        "vectors": n, "shards": len(shard_paths), "sample_rows": int(len(scan.ordinals)),
+        "train_rows": int(len(train_pos)), "sample_s": round(t_sample - t_start, 3),
+        "train_s": round(t_train - t_sample, 3), "fill_s": round(t_fill - t_train, 3),
+        "quality_s": round(t_quality - t_fill, 3), "merge_s": round(t_merge - t_quality, 3),
+        "driver_peak_rss_mb": round(_peak_rss_mb(), 1),
+    }
     return entries, quality
+

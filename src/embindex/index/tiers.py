@@ -12,7 +12,9 @@ from typing import Sequence
 import faiss
 import numpy as np
 
-AUTO_FLAT_MAX = 200_000  # below this, exact search is fast enough and costs no recall
+from .factories import FLAT_MAX_ROWS as AUTO_FLAT_MAX  # noqa: F401 - kept for compatibility
+from .factories import auto_factory as _auto_factory
+from .factories import make_index
 
 
 def truncate(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -33,19 +35,20 @@ def resolve_tiers(tiers: Sequence[int | str], full_dim: int) -> list[int]:
     return sorted(dims)
 
 
-def auto_factory(n: int, dim: int) -> str:
-    if n <= AUTO_FLAT_MAX:
-        return "Flat"
-    return "HNSW32,Flat" if dim <= 256 else "HNSW32"
+def auto_factory(n: int, dim: int, memory_budget_mb: float = 4096) -> str:
+    """The factory `auto` picks (see factories.auto_factory for the rule)."""
+    return _auto_factory(n, dim, memory_budget_mb)
 
 
 def build_tier(vectors: np.ndarray, dim: int, factory: str, train_sample: int = 100_000,
                seed: int = 0) -> tuple[faiss.Index, dict]:
-    """Build the tier-`dim` index over all rows (ids = row ordinals); returns it with build stats."""
+    """Build the tier-`dim` index over all rows in memory (ids = row ordinals); returns it with build stats.
+
+    Small corpora and tests only: tier_builder.build_tiers is the bounded-memory path."""
     factory = auto_factory(len(vectors), dim) if factory == "auto" else factory
     start = time.perf_counter()
     x = truncate(vectors, dim)
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    index = make_index(factory, dim)
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         sample = x if len(x) <= train_sample else x[rng.choice(len(x), train_sample, replace=False)]
@@ -99,29 +102,6 @@ def rescore(vectors: np.ndarray, queries: np.ndarray, shortlist: np.ndarray, k: 
         out_ids[qi, : len(order)] = cand[order]
         out_scores[qi, : len(order)] = s[order]
     return out_scores, out_ids
-
-
-def quality_report(vectors: np.ndarray, indexes: dict[int, faiss.Index], sample: int, rescore_factor: int,
-                   k: int = 10, seed: int = 0) -> dict:
-    """recall@k of each tier (alone and after full-width rescoring) against exact full-width search,
-    with a sample of corpus vectors as queries."""
-    n = len(vectors)
-    if n == 0 or sample == 0:
-        return {"k": k, "queries": 0, "tiers": {}}
-    rng = np.random.default_rng(seed)
-    q_idx = rng.choice(n, min(sample, n), replace=False)
-    queries = vectors[q_idx]
-    truth = exact_topk(vectors, queries, k)
-    tiers = {}
-    for dim, index in sorted(indexes.items()):
-        _, ann = search_tier(index, queries, k)
-        _, shortlist = search_tier(index, queries, k * rescore_factor)
-        _, funnel = rescore(vectors, queries, shortlist, k)
-        tiers[str(dim)] = {
-            f"recall@{k}": round(recall_at_k(ann, truth), 4),
-            f"recall@{k}_rescored": round(recall_at_k(funnel, truth), 4),
-        }
-    return {"k": k, "queries": int(len(q_idx)), "rescore_factor": rescore_factor, "tiers": tiers}
 
 
 def serialize(index: faiss.Index) -> bytes:

@@ -1,0 +1,327 @@
+"""Funnel search over Matryoshka tiers, and searching a tier stored as several shards.
+
+A funnel is a first stage that shortlists `k * factor` candidates on a (narrow, cheap) tier, then
+rescoring stages that re-rank the candidates with better vectors and keep fewer:
+
+    Funnel(TierSearcher(tier64), [Rescore(TierVectors(tier256), keep=50), Rescore(ParquetVectors(...))])
+
+Scorers give the inner product of (truncated, renormalized) queries with stored vectors of given
+ids: `ArrayVectors` (full-width vectors in memory), `ParquetVectors` (full-width vectors read from
+the Parquet shards, only the shards and row groups holding the candidates, one shard at a time)
+and `TierVectors` (vectors a Flat-like tier index can reconstruct). A stage is anything with
+`rerank(queries, ids, keep) -> (scores, ids)`, so MaxSim over multi-vectors or a cross-encoder can
+be appended later. `exact_topk` is the exhaustive full-width search (the quality ground truth),
+streamed over the same sources.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Iterator, Protocol, Sequence
+
+import faiss
+import numpy as np
+
+from ..index import tiers
+from ..index.factories import apply_search_params
+from ..index.tier_io import ONDISK, SHARDS, SINGLE, local_copy, read_ondisk
+from ..index.vector_io import read_vectors, take_vectors
+from ..storage import Storage
+
+IN_MEMORY_RESCORE_MAX_BYTES = 512 * 2**20  # below this, a reader keeps full-width vectors in memory
+BLOCK_ROWS = 4096  # rows per exact-search block: [queries x 4096] scores at a time
+PAIR_CHUNK = 16384
+
+
+# -- tiers ------------------------------------------------------------------------------------------
+
+class ShardedIndex:
+    """Indexes holding disjoint global ids, searched as one index: each shard's top k, merged.
+
+    Shards are indexes, or zero-argument loaders (then `ntotals` is required): a lazy sharded index
+    loads one shard at a time per search, so memory stays at one shard (used at build time)."""
+
+    def __init__(self, shards: Sequence[Any], higher_is_better: bool = True,
+                 ntotals: Sequence[int] | None = None, d: int | None = None):
+        if not shards:
+            raise ValueError("a sharded index needs at least one shard")
+        self.shards = list(shards)
+        self.lazy = callable(self.shards[0]) and not isinstance(self.shards[0], faiss.Index)
+        if self.lazy and (ntotals is None or d is None):
+            raise ValueError("lazy shards need their ntotals and d")
+        self.ntotals = list(ntotals) if ntotals is not None else [int(s.ntotal) for s in self.shards]
+        self.d = d if d is not None else self.shards[0].d
+        self.higher_is_better = higher_is_better
+        self.ntotal = int(sum(self.ntotals))
+        self.search_params: dict[str, int] = {}
+
+    def _each(self) -> Iterator[faiss.Index]:
+        for s in self.shards:
+            yield s() if self.lazy else s
+
+    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        parts = []
+        for shard, n in zip(self._each(), self.ntotals):
+            if n:
+                apply_search_params(shard, self.search_params, k)
+                parts.append(shard.search(x, min(k, n)))
+        dist = np.concatenate([p[0] for p in parts], axis=1)
+        ids = np.concatenate([p[1] for p in parts], axis=1)
+        key = np.where(ids < 0, np.inf, -dist if self.higher_is_better else dist)
+        order = np.argsort(key, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(dist, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+    def reconstruct_batch(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors of global ids (shards are IDMap2 over contiguous id ranges, in order)."""
+        out = np.zeros((len(ids), self.d), dtype=np.float32)
+        start = 0
+        for shard, n in zip(self._each(), self.ntotals):
+            for pos in np.nonzero((ids >= start) & (ids < start + n))[0]:
+                out[pos] = shard.reconstruct(int(ids[pos]))
+            start += n
+        return out
+
+
+def open_tier(store: Storage, entry: Any, cache_dir: str | None = None) -> Any:
+    """The searchable object of a manifest tier: a FAISS index, or a ShardedIndex (shards layout)."""
+    layout = getattr(entry, "layout", SINGLE) or SINGLE
+    if layout == SINGLE:
+        return tiers.deserialize(store.read_bytes(entry.files[0]))
+    if layout == SHARDS:
+        return ShardedIndex([tiers.deserialize(store.read_bytes(f)) for f in entry.files],
+                            higher_is_better=entry.metric != "hamming")
+    if layout == ONDISK:
+        return read_ondisk(local_copy(store, list(entry.files), cache_dir)[0])
+    raise ValueError(f"unknown tier layout {layout!r}")
+
+
+class TierSearcher:
+    """ANN search on one tier: truncates queries to the tier width; scores are 'higher is better'
+    (inner product, or minus the Hamming distance for binary tiers)."""
+
+    def __init__(self, index: Any, metric: str = "ip", params: dict[str, int] | None = None):
+        self.index = index
+        self.dim = index.d
+        self.binary = metric == "hamming"
+        self.params = dict(params or {})
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = max(1, min(k, self.index.ntotal))
+        if isinstance(self.index, ShardedIndex):
+            self.index.search_params = self.params
+        else:
+            apply_search_params(self.index, self.params, k)
+        dist, ids = self.index.search(tiers.truncate(queries, self.dim), k)
+        scores = -dist if self.binary else dist
+        return np.where(ids < 0, -np.inf, scores).astype(np.float32), ids
+
+
+# -- vectors to rescore with ------------------------------------------------------------------------
+
+def _pair_scores(q: np.ndarray, qi: np.ndarray, x: np.ndarray, xi: np.ndarray, out: np.ndarray,
+                 where: np.ndarray) -> None:
+    """out[where[p]] = q[qi[p]] . x[xi[p]], in bounded chunks."""
+    for s in range(0, len(qi), PAIR_CHUNK):
+        sl = slice(s, s + PAIR_CHUNK)
+        out[where[sl]] = np.einsum("pd,pd->p", q[qi[sl]], x[xi[sl]].astype(np.float32, copy=False))
+
+
+class VectorSource(Protocol):
+    dim: int
+
+    def score(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray: ...
+
+
+class ArrayVectors:
+    """Vectors held in memory, row = id."""
+
+    def __init__(self, vectors: np.ndarray):
+        self.vectors = vectors
+        self.dim = vectors.shape[1]
+        self.n = len(vectors)
+
+    def score(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Inner products [nq, m] of queries (at this width) with the rows `ids` (-inf where id < 0)."""
+        out = np.full(ids.shape, -np.inf, dtype=np.float32)
+        qi, col = np.nonzero(ids >= 0)
+        flat = np.full(len(qi), -np.inf, dtype=np.float32)
+        _pair_scores(queries, qi, self.vectors, ids[qi, col], flat, np.arange(len(qi)))
+        out[qi, col] = flat
+        return out
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        for s in range(0, self.n, BLOCK_ROWS):
+            yield s, np.asarray(self.vectors[s:s + BLOCK_ROWS], dtype=np.float32)
+
+
+class ParquetVectors:
+    """Full-width vectors read from Parquet shards on demand; id = row ordinal over the shards.
+
+    Rows are L2-renormalized after the float16 round trip (the full-width tier's definition), so scores
+    are cosines and agree with a full-width Flat tier. `score` reads only the shards (and row groups) that hold candidates, one shard at a time; with
+    `cache_bytes` > 0 whole shards (float16) are kept in an LRU cache up to that many bytes."""
+
+    def __init__(self, store: Storage, shard_paths: Sequence[str], shard_rows: Sequence[int], dim: int,
+                 column: str = "vector", cache_bytes: int = 0):
+        self.store = store
+        self.paths = list(shard_paths)
+        self.rows = np.asarray(shard_rows, dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.rows)]).astype(np.int64)
+        self.dim = dim
+        self.n = int(self.offsets[-1])
+        self.column = column
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.rows_read = 0  # counters: what the funnel actually touched
+        self.shards_read = 0
+
+    def _shard(self, s: int) -> np.ndarray:
+        if s in self._cache:
+            self._cache.move_to_end(s)
+            return self._cache[s]
+        v = read_vectors(self.store, self.paths[s], self.column, dtype=np.float16)
+        self.shards_read += 1
+        self.rows_read += len(v)
+        if self.cache_bytes > 0 and v.nbytes <= self.cache_bytes:
+            self._cache[s] = v
+            while sum(a.nbytes for a in self._cache.values()) > self.cache_bytes:
+                self._cache.popitem(last=False)
+        return v
+
+    def take(self, s: int, local_rows: np.ndarray) -> np.ndarray:
+        """Vectors of some rows of shard s (only their row groups are read, unless the shard is cached)."""
+        if self.cache_bytes > 0:
+            return self._shard(s)[local_rows]
+        self.shards_read += 1
+        self.rows_read += len(local_rows)
+        return take_vectors(self.store, self.paths[s], local_rows, self.column, dtype=np.float16)
+
+    def score(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Inner products [nq, m] of queries (full width) with the rows `ids` (-inf where id < 0)."""
+        out = np.full(ids.shape, -np.inf, dtype=np.float32)
+        qi, col = np.nonzero(ids >= 0)
+        ords = ids[qi, col]
+        shard = np.searchsorted(self.offsets, ords, side="right") - 1
+        flat = np.full(len(qi), -np.inf, dtype=np.float32)
+        for s in np.unique(shard):
+            sel = np.nonzero(shard == s)[0]
+            local = ords[sel] - self.offsets[s]
+            uniq, inv = np.unique(local, return_inverse=True)
+            x = tiers.truncate(self.take(int(s), uniq), self.dim)
+            _pair_scores(queries, qi[sel], x, inv, flat, sel)
+        out[qi, col] = flat
+        return out
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first id, float32 rows) over the whole corpus, one shard in memory at a time."""
+        for s in range(len(self.paths)):
+            v = self._shard(s)
+            for b in range(0, len(v), BLOCK_ROWS):
+                yield int(self.offsets[s]) + b, tiers.truncate(v[b:b + BLOCK_ROWS], self.dim)
+            del v
+
+
+class TierVectors:
+    """Vectors a tier index can reconstruct (Flat, HNSW-Flat, or shards of them): rescoring on a higher tier."""
+
+    def __init__(self, index: Any):
+        self.index = index
+        self.dim = index.d
+
+    def score(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        out = np.full(ids.shape, -np.inf, dtype=np.float32)
+        qi, col = np.nonzero(ids >= 0)
+        ords = ids[qi, col]
+        uniq, inv = np.unique(ords, return_inverse=True)
+        x = self.index.reconstruct_batch(uniq)
+        flat = np.empty(len(qi), dtype=np.float32)
+        _pair_scores(queries, qi, x, inv, flat, np.arange(len(qi)))
+        out[qi, col] = flat
+        return out
+
+
+# -- stages and the funnel --------------------------------------------------------------------------
+
+def top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best k per row by score (ties by position), ids -1 last; pads with (-inf, -1)."""
+    scores = np.where(ids < 0, -np.inf, scores)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    s, i = np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+    if s.shape[1] < k:
+        pad = k - s.shape[1]
+        s = np.pad(s, ((0, 0), (0, pad)), constant_values=-np.inf)
+        i = np.pad(i, ((0, 0), (0, pad)), constant_values=-1)
+    return s.astype(np.float32), np.where(np.isneginf(s), -1, i)
+
+
+class Rescore:
+    """Re-rank candidates by inner product with `source`'s vectors (queries truncated to its width)."""
+
+    def __init__(self, source: VectorSource, keep: int | None = None):
+        self.source = source
+        self.keep = keep
+
+    def rerank(self, queries: np.ndarray, ids: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = self.source.score(tiers.truncate(queries, self.source.dim), ids)
+        return top_k(scores, ids, keep)
+
+
+class Funnel:
+    """Shortlist `k * factor` on a tier, then each stage re-ranks and keeps `stage.keep` (the last keeps k)."""
+
+    def __init__(self, first: TierSearcher, stages: Sequence[Any] = (), factor: int = 10):
+        self.first = first
+        self.stages = list(stages)
+        self.factor = max(1, int(factor))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        width = k * self.factor if self.stages else k
+        scores, ids = self.first.search(q, width)
+        for n, stage in enumerate(self.stages):
+            last = n == len(self.stages) - 1
+            keep = k if last else max(k, getattr(stage, "keep", None) or ids.shape[1])
+            scores, ids = stage.rerank(q, ids, keep)
+        return top_k(scores, ids, k)
+
+
+def tier_funnel(index: Any, entry: Any, full_dim: int, rescore: int, vectors: VectorSource | None) -> Funnel:
+    """The reader's funnel for one manifest tier: ANN on it, then (unless the tier is exact at full width,
+    or rescore <= 1) rescoring of `k * rescore` candidates with `vectors`. Binary tiers are always rescored."""
+    first = TierSearcher(index, metric=entry.metric, params=getattr(entry, "search_params", None))
+    exact = entry.dim == full_dim and entry.factory == "Flat"
+    binary = entry.metric == "hamming"
+    if vectors is None or exact or (rescore <= 1 and not binary):
+        return Funnel(first)
+    return Funnel(first, [Rescore(vectors)], factor=max(1, rescore))
+
+
+def full_width_source(store: Storage, shard_paths: Sequence[str], shard_rows: Sequence[int], dim: int,
+                      load: Any = None, cache_bytes: int = 0) -> VectorSource:
+    """In-memory vectors for small indexes (`load()` gives them), Parquet row reads above
+    IN_MEMORY_RESCORE_MAX_BYTES of float32 vectors."""
+    if load is not None and int(sum(shard_rows)) * dim * 4 <= IN_MEMORY_RESCORE_MAX_BYTES:
+        return ArrayVectors(load())
+    return ParquetVectors(store, shard_paths, shard_rows, dim, cache_bytes=cache_bytes)
+
+
+# -- exact search -----------------------------------------------------------------------------------
+
+def exact_topk(source: Any, queries: np.ndarray, k: int,
+               exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exhaustive top k by inner product over `source.blocks()` (streamed); `exclude[q]` drops one id per
+    query (the query's own row, for leave-one-out evaluation)."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(q), k), -1, dtype=np.int64)
+    for start, x in source.blocks():
+        s = q @ x.T
+        ids = np.arange(start, start + len(x), dtype=np.int64)
+        if exclude is not None:
+            s[ids[None, :] == exclude[:, None]] = -np.inf
+        cs = np.concatenate([best_s, s], axis=1)
+        ci = np.concatenate([best_i, np.broadcast_to(ids, s.shape)], axis=1)
+        part = np.argpartition(-cs, k - 1, axis=1)[:, :k] if cs.shape[1] > k else np.argsort(-cs, axis=1)
+        best_s = np.take_along_axis(cs, part, axis=1)
+        best_i = np.take_along_axis(ci, part, axis=1)
+    return top_k(best_s, best_i, k)

@@ -1,0 +1,270 @@
+"""Tiers at corpus scale, on small data: reservoir, auto rule, sharded filling, on-disk merge, funnel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from embindex.config import IndexConfig
+from embindex.index import tiers
+from embindex.index.factories import auto_factory, make_index
+from embindex.index.filling import fill_index, list_sizes
+from embindex.index.manifest import TierEntry
+from embindex.index.merge import merge_ondisk
+from embindex.index.sampling import Reservoir, sample_shards
+from embindex.index.tier_builder import build_tiers
+from embindex.index.tier_io import read_ondisk
+from embindex.index.training import train_index
+from embindex.search.funnel import (
+    ArrayVectors,
+    Funnel,
+    ParquetVectors,
+    Rescore,
+    ShardedIndex,
+    TierSearcher,
+    exact_topk,
+    open_tier,
+)
+from embindex.storage import Storage
+
+DIM = 64
+SHARD_ROWS = [300, 250, 400, 250]  # uneven shards: offsets matter
+
+
+def clustered(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
+    """Unit vectors from a Gaussian mixture whose variance decays along the dims (Matryoshka-like)."""
+    rng = np.random.default_rng(seed)
+    scale = 1.0 / np.sqrt(1 + np.arange(dim) / 8)
+    centers = rng.normal(size=(20, dim)) * scale
+    x = centers[rng.integers(0, 20, n)] + 0.5 * rng.normal(size=(n, dim)) * scale
+    x = x.astype(np.float16).astype(np.float32)  # what the shards store
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_shards(root, x: np.ndarray, rows=SHARD_ROWS) -> list[str]:
+    paths, start = [], 0
+    for i, n in enumerate(rows):
+        v = x[start:start + n].astype(np.float16)
+        col = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel(), pa.float16()), x.shape[1])
+        table = pa.table({"id": [f"d{j}" for j in range(start, start + n)], "meta": [None] * n, "vector": col})
+        rel = f"shards/run/part-{i:03d}.parquet"
+        (root / "shards" / "run").mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, root / rel, row_group_size=128)  # several row groups: row takes read a few
+        paths.append(rel)
+        start += n
+    return paths
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    x = clustered(sum(SHARD_ROWS))
+    x = x / np.linalg.norm(x.astype(np.float16).astype(np.float32), axis=1, keepdims=True)
+    paths = write_shards(tmp_path, x)
+    stored = np.concatenate([ParquetVectors(Storage(str(tmp_path)), paths, SHARD_ROWS, DIM).take(
+        i, np.arange(n)).astype(np.float32) for i, n in enumerate(SHARD_ROWS)])
+    return Storage(str(tmp_path)), paths, tiers.truncate(stored, DIM)  # unit rows, as the funnel scores them
+
+
+def brute(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    s = q @ x.T
+    i = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, i, axis=1), i
+
+
+# -- reservoir ------------------------------------------------------------------------------------
+
+def test_reservoir_is_uniform_bounded_and_split_independent():
+    n, cap, trials = 60, 12, 3000
+    counts = np.zeros(n)
+    rng = np.random.default_rng(1)
+    for t in range(trials):
+        res = Reservoir(cap, 2, seed=t)
+        cuts = np.sort(rng.choice(np.arange(1, n), size=rng.integers(0, 6), replace=False))
+        for part in np.split(np.arange(n), cuts):  # random "shard" boundaries
+            res.add(np.stack([part, part], axis=1).astype(np.float16))
+            assert res.size <= cap
+        vecs, ords = res.sample()
+        assert len(ords) == cap and len(set(ords.tolist())) == cap
+        assert np.array_equal(vecs[:, 0].astype(int), ords)  # rows travel with their ordinals
+        counts[ords] += 1
+    freq = counts / trials
+    # every row is kept with probability cap / n (binomial sd ~0.0073 here)
+    assert np.max(np.abs(freq - cap / n)) < 0.035
+    # early and late rows alike (Algorithm R is not biased towards either end)
+    assert abs(freq[: n // 2].mean() - freq[n // 2:].mean()) < 0.01
+
+
+def test_sample_shards_counts_rows_and_keeps_all_when_small(corpus):
+    store, paths, stored = corpus
+    scan = sample_shards(store, paths, capacity=5000, dim=DIM)
+    assert scan.rows == SHARD_ROWS and scan.offsets == [0, 300, 550, 950]
+    assert np.array_equal(scan.ordinals, np.arange(sum(SHARD_ROWS)))
+    np.testing.assert_allclose(scan.vectors.astype(np.float32), stored, atol=2e-3)
+    small = sample_shards(store, paths, capacity=100, dim=DIM)
+    assert len(small.ordinals) == 100 and small.vectors.dtype == np.float16
+
+
+# -- index choice ---------------------------------------------------------------------------------
+
+def test_auto_rule():
+    assert auto_factory(10_000, 384) == "Flat"
+    assert auto_factory(500_000, 384) == "HNSW32,Flat"
+    assert auto_factory(5_000_000, 384, memory_budget_mb=16_000) == "IVF2048,Flat"
+    assert auto_factory(5_000_000, 384, memory_budget_mb=2_000) == "IVF2048,SQ8"
+    assert auto_factory(5_000_000, 384, memory_budget_mb=300) == "OPQ48,IVF2048,PQ48"
+    assert auto_factory(5_000_000, 128, memory_budget_mb=200) == "IVF2048,PQ32"
+    assert auto_factory(50_000_000, 64, memory_budget_mb=500) == "Binary"
+    assert make_index("Binary", 64).metric_type == 1  # L2 / Hamming on sign bits
+
+
+# -- building -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("single_max", [0, 10_000])  # shards layout, single-file layout
+def test_flat_tiers_equal_brute_force(corpus, single_max):
+    store, paths, stored = corpus
+    cfg = IndexConfig(uri=store.root, factory="Flat", quality_sample=50, single_file_max_rows=single_max)
+    entries, quality = build_tiers(store, paths, DIM, [16, 32, DIM], cfg, "run")
+    assert {e.layout for e in entries} == {"shards" if single_max == 0 else "single"}
+    q = clustered(20, seed=5)
+    for e in entries:
+        x = tiers.truncate(stored, e.dim)
+        s, i = TierSearcher(open_tier(store, e)).search(q, 10)
+        bs, bi = brute(x, tiers.truncate(q, e.dim), 10)
+        assert np.array_equal(i, bi), e.dim
+        np.testing.assert_allclose(s, bs, atol=1e-5)
+    assert quality["tiers"][str(DIM)]["recall@10"] == 1.0
+    assert quality["funnel"]["shortlist_tier"] == 16 and quality["queries"] == 50
+    for key in ("recall@10", "recall@10_rescored", "bytes_per_vector", "build_seconds", "ms_per_query"):
+        assert key in quality["tiers"]["16"]
+
+
+def test_funnel_whose_shortlist_covers_the_corpus_is_exact(corpus):
+    store, paths, stored = corpus
+    n = len(stored)
+    q = clustered(15, seed=7)
+    _, ei = exact_topk(ParquetVectors(store, paths, SHARD_ROWS, DIM), q, 10)
+    bs, bi = brute(stored, q, 10)
+    assert np.array_equal(ei, bi)
+    for factory in ("Flat", "Binary"):  # an exact and a very lossy first stage
+        first = make_index(factory, 16)
+        first.add(tiers.truncate(stored, 16))
+        metric = "hamming" if factory == "Binary" else "ip"
+        for source in (ParquetVectors(store, paths, SHARD_ROWS, DIM), ArrayVectors(stored)):
+            s, i = Funnel(TierSearcher(first, metric), [Rescore(source)], factor=n).search(q, 10)
+            assert np.array_equal(i, bi), (factory, type(source).__name__)
+            np.testing.assert_allclose(s, bs, atol=1e-5)
+
+
+def test_parquet_rescoring_reads_only_the_needed_rows(corpus):
+    store, paths, stored = corpus
+    src = ParquetVectors(store, paths, SHARD_ROWS, DIM)
+    ids = np.array([[3, 310, -1], [940, 3, 551]])
+    q = clustered(2, seed=9)
+    scores = src.score(q, ids)
+    assert np.isneginf(scores[0, 2])
+    np.testing.assert_allclose(scores[1], [q[1] @ stored[940], q[1] @ stored[3], q[1] @ stored[551]], atol=1e-5)
+    assert src.rows_read == 4 and src.shards_read == 3  # 4 distinct rows of 3 shards; shard 3 untouched
+
+
+def _fill_by_shards(trained, stored, rows=SHARD_ROWS, dim=32, wrap=False):
+    shards, start = [], 0
+    for n in rows:
+        shards.append(fill_index(trained, tiers.truncate(stored[start:start + n], dim), start, wrap))
+        start += n
+    return shards
+
+
+def test_ivf_filled_shard_by_shard_equals_one_process_and_merge_equals_shards(corpus, tmp_path):
+    store, paths, stored = corpus
+    x = tiers.truncate(stored, 32)
+    trained = train_index("IVF16,PQ8x4", 32, x)
+    one = faiss_clone(trained)
+    one.add(x)  # one process, ids = ordinals
+    shards = _fill_by_shards(trained, stored)
+    merged = merge_ondisk(trained, iter(shards), [list_sizes(s) for s in shards],
+                          str(tmp_path / "t.faiss"), str(tmp_path / "t.ivfdata"))
+    reopened = read_ondisk(str(tmp_path / "t.faiss"))
+    # inverted lists of the merged index == those of the one-process index, entry for entry
+    a, b = ivf(one).invlists, ivf(reopened).invlists
+    for j in range(16):
+        n = a.list_size(j)
+        assert b.list_size(j) == n
+        if n:
+            import faiss
+            assert np.array_equal(faiss.rev_swig_ptr(a.get_ids(j), n), faiss.rev_swig_ptr(b.get_ids(j), n))
+            assert np.array_equal(faiss.rev_swig_ptr(a.get_codes(j), n * 4), faiss.rev_swig_ptr(b.get_codes(j), n * 4))
+    q = clustered(25, seed=11)
+    params = {"nprobe": 4}
+    r_one = TierSearcher(one, params=params).search(q, 10)
+    r_merged = TierSearcher(reopened, params=params).search(q, 10)
+    r_shards = TierSearcher(ShardedIndex(shards), params=params).search(q, 10)
+    assert merged.ntotal == reopened.ntotal == len(stored)
+    assert np.array_equal(r_merged[1], r_one[1])  # same lists in the same order: identical results
+    np.testing.assert_allclose(r_merged[0], r_one[0], atol=1e-6)
+    assert_same_ranking(r_shards, r_one)  # 4-bit PQ ties may come back in another order across shards
+
+
+def assert_same_ranking(got, ref):
+    """Same scores, and the same ids wherever the score is not tied with another result."""
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-5)
+    for gs, gi, ri in zip(got[0], got[1], ref[1]):
+        untied = [j for j in range(len(gs)) if np.sum(np.isclose(gs, gs[j], atol=1e-6)) == 1]
+        kth_tied = np.isclose(gs, gs[-1], atol=1e-6)
+        assert set(gi[~kth_tied]) == set(ri[~kth_tied])
+        assert np.array_equal(gi[untied], ri[untied])
+
+
+def faiss_clone(index):
+    import faiss
+    return faiss.clone_index(index)
+
+
+def ivf(index):
+    import faiss
+    return faiss.downcast_index(faiss.extract_index_ivf(index))
+
+
+@pytest.mark.timeout(300)
+def test_build_tiers_in_ray_tasks_equals_one_process(ray_cluster, corpus):
+    """The pipeline path: Ray fill tasks (one per shard), on-disk merge for IVF, shards for Flat/binary."""
+    store, paths, stored = corpus
+    cfg = IndexConfig(uri=store.root, factory={"16": "Binary", "32": "IVF16,PQ8x4", "default": "Flat"},
+                      quality_sample=40, single_file_max_rows=0)
+    entries, quality = build_tiers(store, paths, DIM, [16, 32, DIM], cfg, "run")
+    by_dim = {e.dim: e for e in entries}
+    assert [by_dim[d].layout for d in (16, 32, DIM)] == ["shards", "ondisk", "shards"]
+    assert by_dim[16].metric == "hamming" and by_dim[32].search_params == {"nprobe": 8}
+    assert not (store.exists("shards/run/tier-00032/shard-00000.faiss"))  # merged, then removed
+    # the served IVF tier == the same trained index filled in one process
+    served = open_tier(store, by_dim[32])
+    one = empty_copy(store, by_dim[32])
+    one.add(tiers.truncate(stored, 32))
+    q = clustered(20, seed=3)
+    got = TierSearcher(served, params={"nprobe": 16}).search(q, 10)
+    ref = TierSearcher(one, params={"nprobe": 16}).search(q, 10)
+    assert np.array_equal(got[1], ref[1]) and np.allclose(got[0], ref[0], atol=1e-6)
+    # the full-width Flat shards equal brute force; the binary funnel is rescored
+    _, i = TierSearcher(open_tier(store, by_dim[DIM])).search(q, 10)
+    assert np.array_equal(i, brute(stored, tiers.truncate(q, DIM), 10)[1])
+    assert quality["tiers"][str(DIM)]["recall@10"] == 1.0
+    assert quality["tiers"]["16"]["recall@10_rescored"] >= quality["tiers"]["16"]["recall@10"]
+    assert by_dim[32].bytes_per_vector < by_dim[DIM].bytes_per_vector
+
+
+def empty_copy(store, entry):
+    """The served IVF tier's header without its lists: the trained, empty index it was filled from."""
+    import faiss
+    index = faiss.read_index(store.fs_path(entry.files[0]), faiss.IO_FLAG_SKIP_IVF_DATA)
+    inner = ivf(index)
+    lists = faiss.ArrayInvertedLists(inner.nlist, inner.code_size)
+    inner.replace_invlists(lists, True)
+    lists.this.disown()  # the index owns it now
+    inner.ntotal = index.ntotal = 0
+    return index
+
+
+def test_tier_entry_defaults_stay_compatible():
+    e = TierEntry(dim=8, factory="Flat", files=["x"])
+    assert e.layout == "single" and e.metric == "ip" and e.search_params == {}
