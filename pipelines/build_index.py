@@ -13,7 +13,7 @@ import os
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, mode: str = "build") -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="job config YAML")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
@@ -26,7 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides = dict(parse_override(s) for s in args.set)
     if os.environ.get("RAY_ADDRESS") and "resources.ray_address" not in overrides:
         overrides["resources.ray_address"] = "auto"
-    result = embindex.build(args.config, overrides)
+    if mode == "reindex":
+        from embindex.reindex import reindex
+
+        result = reindex(args.config, overrides)
+    else:
+        result = embindex.build(args.config, overrides)
     print(result.summary(), flush=True)
     return 0
 

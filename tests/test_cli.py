@@ -40,7 +40,7 @@ def test_build_search_inspect(ray_cluster, tmp_path):
 
     r = runner.invoke(app, ["inspect", str(index)])
     assert r.exit_code == 0, r.output
-    for text in ("v000001 (latest)", "documents 80", "rejected 1", "empty_text=1", "recall"):
+    for text in ("v000001 * parent -", "documents 80", "rejected 1", "empty_text=1", "recall"):
         assert text in r.output
     r = runner.invoke(app, ["inspect", str(index), "--json"])
     assert json.loads(r.output)["counts"]["documents"] == 80

@@ -148,7 +148,7 @@ def test_gpu_worker_groups_and_autoscaling():
 
 def _entrypoint_args(entrypoint: str) -> tuple[str, dict]:
     argv = shlex.split(entrypoint)
-    assert argv[:2] == ["python", "pipelines/build_index.py"], argv
+    assert argv[0] == "python" and argv[1] in ("pipelines/build_index.py", "pipelines/reindex_index.py"), argv
     assert (REPO / argv[1]).exists()
     config, sets, i = None, {}, 2
     while i < len(argv):
@@ -158,7 +158,7 @@ def _entrypoint_args(entrypoint: str) -> tuple[str, dict]:
             k, v = parse_override(argv[i + 1])
             sets[k] = v
         else:
-            raise AssertionError(f"unknown argument {argv[i]!r} of pipelines/build_index.py")
+            raise AssertionError(f"unknown argument {argv[i]!r} of {argv[1]}")
         i += 2
     assert config and config.startswith("configs/") and (REPO / config).exists(), config
     return config, sets

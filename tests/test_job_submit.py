@@ -186,7 +186,8 @@ def _working_dir(root: Path) -> Path:
     wd = root / "wd"
     (wd / "pipelines").mkdir(parents=True)
     (wd / "configs").mkdir()
-    shutil.copy(REPO / "pipelines" / "build_index.py", wd / "pipelines" / "build_index.py")
+    for script in ("build_index.py", "reindex_index.py"):
+        shutil.copy(REPO / "pipelines" / script, wd / "pipelines" / script)
     shutil.copy(REPO / "configs" / "quickstart.yaml", wd / "configs" / "quickstart.yaml")
     return wd
 
@@ -216,10 +217,10 @@ def _overrides(bucket: dict, index_prefix: str, cache_dir: Path) -> list[str]:
 
 
 def _submit(head: dict, wd: Path, runtime_env: Path, args: list[str], submission_id: str,
-            timeout: float = 240) -> subprocess.CompletedProcess:
+            timeout: float = 240, script: str = "build_index.py") -> subprocess.CompletedProcess:
     cmd = [RAY, "job", "submit", "--address", head["address"], "--submission-id", submission_id,
            "--working-dir", str(wd), "--runtime-env", str(runtime_env), "--",
-           "python", "pipelines/build_index.py", "--config", "configs/quickstart.yaml", *args]
+           "python", f"pipelines/{script}", "--config", "configs/quickstart.yaml", *args]
     return subprocess.run(cmd, env=_cluster_env(), capture_output=True, text=True, timeout=timeout, cwd=wd)
 
 
@@ -268,6 +269,23 @@ def test_ray_job_submit_build_on_s3(head_cluster, job_bucket, tmp_path):
     assert manifest["counts"]["documents"] == N_DOCS and manifest["model"]["path"].startswith("s3://")
     assert job_bucket["secret"] not in json.dumps(manifest)
     print(f"job {sid}: submit-to-exit {elapsed:.1f}s")
+
+    # the nightly pipeline: ten new documents, then the reindex entrypoint embeds only those
+    new = [{"id": f"new-{i}", "text": f"Nightly addition {i}: how to rotate log files with logging.handlers."}
+           for i in range(10)]
+    job_bucket["client"].put_object(Bucket=bucket, Key="corpus/day2.jsonl",
+                                    Body="".join(json.dumps(d) + "\n" for d in new).encode())
+    sid = "embindex-reindex-" + secrets.token_hex(3)
+    proc = _submit(head_cluster, wd, runtime_env, _overrides(job_bucket, "indexes/docs", tmp_path / "cache"), sid,
+                   script="reindex_index.py")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    logs = client.get_job_logs(sid)
+    assert f"published v000002 at s3://{bucket}/indexes/docs" in logs, logs[-3000:]
+    assert "'added': 10, 'changed': 0, 'deleted': 0" in logs
+    reader = embindex.open_index(f"s3://{bucket}/indexes/docs", storage=storage,
+                                 model_path=resolve_model_path("builtin:all-MiniLM-L6-v2"))
+    assert reader.manifest.parent == "v000001" and reader.manifest.delta["documents_embedded"] == 10
+    assert reader.search(new[4]["text"], k=1)[0][0].id == "new-4"
 
 
 def test_ray_job_submit_failure_comes_back(head_cluster, job_bucket, tmp_path):

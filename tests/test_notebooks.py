@@ -13,8 +13,20 @@ nbclient = pytest.importorskip("nbclient")
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
-# notebook -> figures (image/png outputs) it must produce
-EXPECTED_FIGURES = {"quickstart.ipynb": 1}
+# notebook -> figures (image/png outputs) it must produce; any other notebook in notebooks/ must produce one
+EXPECTED_FIGURES = {
+    "quickstart.ipynb": 1,
+    "matryoshka_tradeoffs.ipynb": 2,   # recall vs width / vs bytes; latency per tier
+    "late_chunking.ipynb": 1,          # MRR@10, recall@1, recall@10 per system
+    "multivector_maxsim.ipynb": 2,     # token counts per document; candidates vs exact as token_k grows
+}
+# notebook -> strings its printed output must contain (it did the work, not only drew something)
+EXPECTED_TEXT = {
+    "quickstart.ipynb": ["published v000001", "bz2.open"],  # built; the compressed-file query finds bz2
+    "matryoshka_tradeoffs.ipynb": ["published v000001", "held-out, 100 queries", "sign bits"],
+    "late_chunking.ipynb": ["no chunking", "naive chunking", "late chunking", "MRR@10", "text["],
+    "multivector_maxsim.ipynb": ["same top-5 ids: True, same scores: True", "token_k  256"],
+}
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -53,11 +65,13 @@ def test_notebook_executes(path: Path, tmp_path: Path):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     pngs = [o.data["image/png"] for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
-    assert len(pngs) >= EXPECTED_FIGURES.get(path.name, 0), f"{path.name}: expected figures, got {len(pngs)}"
+    assert len(pngs) >= EXPECTED_FIGURES.get(path.name, 1), f"{path.name}: expected figures, got {len(pngs)}"
     for i, png in enumerate(pngs):
         raw = base64.b64decode(png)
         assert raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) > 20_000, "a real figure, not an empty canvas"
         (tmp_path / f"{path.stem}-{i}.png").write_bytes(raw)
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    if path.name == "quickstart.ipynb":
-        assert "published v000001" in text and "bz2.open" in text  # built; the compressed-file query finds bz2
+    for expected in EXPECTED_TEXT.get(path.name, []):
+        assert expected in text, f"{path.name}: {expected!r} not in its output"
+    if path.name == "multivector_maxsim.ipynb":  # search over token candidates == brute-force MaxSim, per query
+        assert text.count("same top-5 ids: True, same scores: True") == 5

@@ -88,6 +88,19 @@ def test_naive_chunking_rows_and_offsets(ray_cluster, tmp_path):
     assert hit.id == probe["id"] and hit.chunk["start"] == 0
 
 
+def test_chunked_search_returns_k_documents_even_when_one_document_dominates(ray_cluster, tmp_path):
+    docs = [{"id": "a", "text": " ".join(f"The cat sat on the mat number {i}." for i in range(120))},
+            {"id": "b", "text": "A dog slept on the rug. It was warm."},
+            {"id": "c", "text": "Stock markets fell sharply on Monday."}]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    cfg = job_config(str(corpus), str(tmp_path / "idx"), index={"tiers": ["full"]},
+                     outputs={"chunking": {"chunker": "sentences", "n_sentences": 1}})
+    embindex.build(cfg, log=None)
+    hits = embindex.open_index(str(tmp_path / "idx")).search("a cat on a mat", k=3)[0]
+    assert [h.id for h in hits][0] == "a" and sorted(h.id for h in hits) == ["a", "b", "c"]
+
+
 def test_multivector_colbert_from_s3_and_maxsim(ray_cluster, s3_bucket):
     bucket, opts, client = s3_bucket
     docs = sample_docs(30)

@@ -44,6 +44,55 @@ def build(
     typer.echo(result.summary())
 
 
+@app.command()
+def reindex(
+    config: str = typer.Argument(..., help="job config YAML (the same as the index's build config)"),
+    set_: List[str] = typer.Option([], "--set", help="override a config key: key.path=value (repeatable)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="only the final summary"),
+) -> None:
+    """Embed only new or changed documents, tombstone deleted ones, publish a new version."""
+    _setup_env()
+    from pydantic import ValidationError
+
+    from .config import parse_override
+    from .reindex import reindex as run_reindex
+
+    try:
+        overrides = dict(parse_override(s) for s in set_)
+        result = run_reindex(config, overrides, log=None if quiet else _log)
+    except (ValidationError, ValueError, FileNotFoundError, ImportError) as e:
+        _fail(str(e))
+        return
+    typer.echo(result.summary())
+    if result.manifest.delta:
+        d = result.manifest.delta
+        typer.echo(f"  delta: {d.get('added', 0)} added, {d.get('changed', 0)} changed, "
+                   f"{d.get('deleted', 0)} deleted, {d.get('unchanged', 0)} unchanged")
+
+
+@app.command()
+def compact(
+    index: str = typer.Argument(..., help="index URI"),
+    threshold: float = typer.Option(0.2, "--threshold", help="compact when this fraction of rows is tombstoned"),
+    force: bool = typer.Option(False, "--force", help="compact whatever the fraction"),
+    keep: Optional[int] = typer.Option(None, "--keep", help="then keep only this many versions"),
+) -> None:
+    """Rewrite the latest version without its tombstoned rows (no re-embedding) and retrain its tiers."""
+    _setup_env()
+    from .incremental.compact import collect_garbage
+    from .incremental.compact import compact as run_compact
+    from .storage import Storage
+
+    try:
+        m = run_compact(index, threshold=threshold, force=force, log=_log)
+        if keep:
+            collect_garbage(Storage(index), keep, _log)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+        return
+    typer.echo(f"published {m.version} (compacted {m.parent})" if m else "nothing to compact")
+
+
 def _log(msg: str) -> None:
     typer.echo(msg, err=True)
 
@@ -100,7 +149,6 @@ def inspect(
     latest = latest_version(store)
     lines: list[Any] = [
         f"index    {index}",
-        f"versions {', '.join(v + (' (latest)' if v == latest else '') for v in list_versions(store))}",
         f"version  {m.version}  created {m.created_at}  run {m.run_id}  parent {m.parent or '-'}",
         f"model    {m.model.name}  {m.model.path}  task={m.model.task}  pooling={m.model.pooling}  "
         f"max_length={m.model.max_length}  {m.model.checkpoint_hash[:19]}",
@@ -109,6 +157,13 @@ def inspect(
         f"rejected {m.counts.rejected}",
         f"shards   {len(m.shards)} parquet, {sum(s.bytes for s in m.shards) / 1e6:.2f} MB; dim {m.dim}",
     ]
+    lines.append("versions")
+    for v in list_versions(store):
+        vm = read_manifest(store, v)
+        d = vm.delta
+        delta = (f"  +{d.get('added', 0)} ~{d.get('changed', 0)} -{d.get('deleted', 0)}" if d else "  full build")
+        lines.append(f"  {v}{' *' if v == latest else '  '} parent {vm.parent or '-':8s} {vm.created_at}  "
+                     f"documents {vm.counts.documents}, rejected {vm.counts.rejected}{delta}")
     reasons: dict[str, int] = {}
     for r in m.rejects:
         for k, n in r.reasons.items():

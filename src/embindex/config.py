@@ -134,6 +134,8 @@ class IndexConfig(_Section):
     train_sample: int = Field(100_000, gt=0, description="reservoir rows (across shards) that trained tiers learn on")
     single_file_max_rows: int = Field(200_000, ge=0, description="non-IVF tiers up to this size are one file")
     storage: dict[str, Any] = Field(default_factory=dict)
+    keep_versions: int | None = Field(None, gt=0, description="versions kept after a publish (None: all)")
+    compact_deleted_fraction: float = Field(0.2, gt=0, le=1, description="`embindex compact` threshold")
 
     def storage_options(self) -> StorageOptions:
         return StorageOptions.from_dict(self.storage)

@@ -85,6 +85,118 @@ def _count_and_find_duplicates(ds: Any) -> tuple[Counter[str], set[str]]:
     return per_fragment, {i for i, n in seen.items() if n > 1}
 
 
+class Job:
+    """One run against an index: the resolved model, the run id, the corpus plan, and the steps that
+    `build` and `reindex` compose (embed fragments with retries, collect commits, publish)."""
+
+    def __init__(self, cfg: JobConfig, log: Log):
+        self.cfg, self.log, self.t0 = cfg, log, time.perf_counter()
+        self.spec = model_spec(cfg.model)
+        self.family = load_family(self.spec)
+        self.family.check_task(cfg.model.task)
+        self.info = self.family.info()
+        check_outputs(cfg, self.info)
+        self.tier_dims = tiers.resolve_tiers(cfg.index.tiers, self.info.dim)
+        self.checkpoint_hash = checkpoint_hash(self.spec.path)
+        self.store = Storage(cfg.index.uri, cfg.index.storage_options())
+        self.fingerprint = build_fingerprint(cfg, self.checkpoint_hash)
+        lc = cfg.outputs.late_chunking
+        self.window = (lc.window if lc else None) or self.info.max_length
+        self.query_task = getattr(self.family, "query_task_for", lambda t: t)(cfg.model.task)
+        self.run_id = ""
+        self.timings: dict[str, float] = {}
+
+    def start(self) -> None:
+        """Inside the Ray session: Ray Data settings, the run id (resumed or new), the corpus plan."""
+        import ray.data
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = bool(self.cfg.run.progress and sys.stderr.isatty())
+        ctx.verbose_progress = False
+        ctx.target_max_block_size = None  # one block per fragment, never split: fragments are the commit unit
+        self.run_id = _resolve_run(self.cfg, self.store, self.fingerprint, self.log)
+        self.log(f"[embindex] run {self.run_id}: reading {self.cfg.source.uri}")
+        self.corpus = open_corpus(self.cfg.source)
+
+    def embed(self, wanted: Callable[[Any], bool], rows_in: int, steps: list[tuple[Callable, dict]]) -> None:
+        """Embed and commit every fragment for which `wanted(fragment)` and that has no commit marker,
+        retrying uncommitted fragments after a failure (`run.max_attempts`)."""
+        import ray
+
+        self.timings["read_s"] = round(time.perf_counter() - self.t0, 3)
+        start = time.perf_counter()
+        for attempt in range(1, self.cfg.run.max_attempts + 1):
+            committed = read_commits(self.store, self.run_id)
+            todo = [f for f in self.corpus.fragments if f.id not in committed and wanted(f)]
+            if attempt == 1:
+                self.committed_before = len([f for f in self.corpus.fragments if f.id in committed and wanted(f)])
+            try:
+                _embed_fragments(self, todo, steps, rows_in)
+                break
+            except (ray.exceptions.RayError, OSError) as e:
+                if attempt == self.cfg.run.max_attempts:
+                    raise
+                self.log(f"[embindex] attempt {attempt} failed ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); retrying the uncommitted fragment(s)")
+        self.timings["pipeline_s"] = round(time.perf_counter() - start, 3)
+
+    def records(self, wanted: Callable[[Any], bool]) -> tuple[list[dict], list[dict]]:
+        """(parts, rejects) records of the committed fragments; fails when a wanted fragment has none."""
+        committed = read_commits(self.store, self.run_id)
+        missing = [f.id for f in self.corpus.fragments if f.id not in committed and wanted(f)]
+        if missing:
+            raise ReconciliationError(f"{len(missing)} fragment(s) have no commit marker; not published")
+        records = [r for f in self.corpus.fragments if wanted(f) for r in committed.get(f.id, [])]
+        parts = sorted((r for r in records if r["kind"] == "part"), key=lambda r: r["path"])
+        rejects = sorted((r for r in records if r["kind"] == "rejects"), key=lambda r: r["path"])
+        return parts, rejects
+
+    def publish(self, *, shards: list[ShardEntry], parts: list[dict], rejects: list[dict],
+                tier_entries: list, quality: dict, counts: Counts, token_index: tuple[str, int] | None,
+                fragments: dict[str, int], parent: str | None, **extra: Any) -> BuildResult:
+        cfg, info = self.cfg, self.info
+        self.timings["total_s"] = round(time.perf_counter() - self.t0, 3)
+        version = next_version(self.store)
+        manifest = Manifest(
+            version=version,
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            run_id=self.run_id,
+            parent=parent,
+            model=ModelEntry(
+                name=cfg.model.name, path=cfg.model.path, checkpoint_hash=self.checkpoint_hash, task=cfg.model.task,
+                query_task=self.query_task, max_length=info.max_length, pooling=info.pooling,
+                dtype=cfg.model.dtype, prefixes=info.prefixes,
+            ),
+            outputs=outputs_entry(cfg, info, self.window, parts, token_index),
+            dim=info.dim,
+            tiers=tier_entries,
+            shards=shards,
+            rejects=[RejectsEntry(path=r["path"], rows=r["rows"], bytes=r["bytes"], sha256=r["sha256"],
+                                  reasons=json.loads(r["reasons"] or "{}")) for r in rejects],
+            counts=counts,
+            quality=quality,
+            source={"uri": cfg.source.uri, "format": self.corpus.format, "files": len(self.corpus.files),
+                    "fragments": len(self.corpus.fragments)},
+            config=json.loads(cfg.model_dump_json()),
+            timings=self.timings,
+            fingerprint=self.fingerprint,
+            fragments=fragments,
+            **extra,
+        )
+        _scrub_secrets(manifest.config)
+        manifest_uri = publish(self.store, manifest)
+        if cfg.index.keep_versions:
+            from .incremental.compact import collect_garbage
+
+            collect_garbage(self.store, cfg.index.keep_versions, self.log)
+        return BuildResult(cfg.index.uri, version, manifest_uri, counts.model_dump(), dict(self.timings), manifest)
+
+
+def shard_entries(parts: list[dict]) -> list[ShardEntry]:
+    return [ShardEntry(path=p["path"], rows=p["rows"], bytes=p["bytes"], sha256=p["sha256"]) for p in parts]
+
+
 def build(
     config: str | os.PathLike | dict[str, Any] | JobConfig,
     overrides: dict[str, Any] | None = None,
@@ -94,153 +206,73 @@ def build(
 
     With `run.id` set (or `run.resume: true`) a rerun resumes: fragments with a commit marker are not
     embedded again."""
-    import ray
-    import ray.data
-
     log = log or (lambda _m: None)
-    cfg = load_config(config, overrides)
-    t0 = time.perf_counter()
-    spec = model_spec(cfg.model)
-    family = load_family(spec)
-    family.check_task(cfg.model.task)
-    info = family.info()
-    check_outputs(cfg, info)
-    tier_dims = tiers.resolve_tiers(cfg.index.tiers, info.dim)
-    ckpt_hash = checkpoint_hash(spec.path)
-    store = Storage(cfg.index.uri, cfg.index.storage_options())
-    fingerprint = build_fingerprint(cfg, ckpt_hash)
-    run_id = _resolve_run(cfg, store, fingerprint, log)
-    model_json = cfg.model.model_dump_json()
-    outputs_json = cfg.outputs.model_dump_json()
-    window = (cfg.outputs.late_chunking.window if cfg.outputs.late_chunking else None) or info.max_length
-    query_task = getattr(family, "query_task_for", lambda t: t)(cfg.model.task)
-
+    job = Job(load_config(config, overrides), log)
+    cfg = job.cfg
     with ray_session(cfg.resources):
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = bool(cfg.run.progress and sys.stderr.isatty())
-        ctx.verbose_progress = False
-        ctx.target_max_block_size = None  # one block per fragment, never split: fragments are the commit unit
-        cpus, gpus, threads = actor_resources(cfg.resources)
-
-        log(f"[embindex] run {run_id}: reading {cfg.source.uri}")
-        corpus = open_corpus(cfg.source)
-        per_fragment, duplicates = _count_and_find_duplicates(corpus.dataset())
+        job.start()
+        per_fragment, duplicates = _count_and_find_duplicates(job.corpus.dataset())
         rows_in = sum(per_fragment.values())
-        committed = read_commits(store, run_id)
-        todo = [f for f in corpus.fragments if f.id not in committed and per_fragment[f.id]]
-        reused = len(corpus.fragments) - len(todo)
-        log(f"[embindex] {rows_in} rows in {len(corpus.files)} {corpus.format} file(s), "
-            f"{len(corpus.fragments)} fragment(s) ({len(corpus.fragments) - len(todo)} already committed); "
-            f"{len(duplicates)} duplicated id(s)")
-        t_read = time.perf_counter()
+        log(f"[embindex] {rows_in} rows in {len(job.corpus.files)} {job.corpus.format} file(s), "
+            f"{len(job.corpus.fragments)} fragment(s); {len(duplicates)} duplicated id(s)")
 
-        t_embed = time.perf_counter()
-        embed_kwargs = {"model_json": model_json, "outputs_json": outputs_json, "task": cfg.model.task,
-                        "batch_tokens": cfg.resources.batch_tokens, "torch_threads": threads,
-                        "window": window, "window_overlap": window_overlap(cfg, window)}
-        for attempt in range(1, cfg.run.max_attempts + 1):
-            try:
-                _embed_fragments(cfg, corpus, todo, duplicates, run_id, info.max_length, embed_kwargs,
-                                 (cpus, gpus), rows_in, log)
-                break
-            except (ray.exceptions.RayError, OSError) as e:
-                if attempt == cfg.run.max_attempts:
-                    raise
-                committed = read_commits(store, run_id)
-                todo = [f for f in corpus.fragments if f.id not in committed and per_fragment[f.id]]
-                log(f"[embindex] attempt {attempt} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                    f"retrying the {len(todo)} uncommitted fragment(s)")
-        committed = read_commits(store, run_id)
-        missing = [f.id for f in corpus.fragments if f.id not in committed and per_fragment[f.id]]
-        if missing:
-            raise ReconciliationError(f"{len(missing)} fragment(s) have no commit marker; not published")
-        for f in corpus.fragments:
-            got = sum(r["rows"] for r in committed.get(f.id, []))
-            if got and got < per_fragment[f.id]:
-                raise ReconciliationError(f"fragment {f.id} committed {got} of {per_fragment[f.id]} rows")
-        records = [r for f in corpus.fragments for r in committed.get(f.id, [])]
-        t_pipe = time.perf_counter()
+        def wanted(f: Any) -> bool:
+            return per_fragment[f.id] > 0
 
-        parts = sorted((r for r in records if r["kind"] == "part"), key=lambda r: r["path"])
-        rejects = sorted((r for r in records if r["kind"] == "rejects"), key=lambda r: r["path"])
-        n_rows, n_docs, n_rej = reconcile(store, parts, rejects, rows_in)
-        dim = info.dim
-        tier_entries, quality = build_tiers(store, [p["path"] for p in parts], dim, tier_dims, cfg.index, run_id)
+        steps = [(mark_duplicates, {"duplicate_ids": frozenset(duplicates)})] if duplicates else []
+        job.embed(wanted, rows_in, steps)
+        parts, rejects = job.records(wanted)
+        n_rows, n_docs, n_rej = reconcile(job.store, parts, rejects, rows_in)
+        t = time.perf_counter()
+        paths = [p["path"] for p in parts]
+        tier_entries, quality = build_tiers(job.store, paths, job.info.dim, job.tier_dims, cfg.index, job.run_id)
         token_index = None
         if cfg.outputs.multivector is not None and cfg.outputs.multivector.candidates == "tokens":
-            token_index = build_token_index(store, [p["path"] for p in parts], dim, run_id)
-        t_tiers = time.perf_counter()
+            token_index = build_token_index(job.store, paths, job.info.dim, job.run_id)
+        job.timings["tiers_s"] = round(time.perf_counter() - t, 3)
 
-    version = next_version(store)
-    timings = {
-        "read_s": round(t_read - t0, 3),
-        "pipeline_s": round(t_pipe - t_embed, 3),
-        "tiers_s": round(t_tiers - t_pipe, 3),
-        "total_s": round(t_tiers - t0, 3),
-    }
+    total = len([f for f in job.corpus.fragments if wanted(f)])
     counts = Counts(rows_in=rows_in, documents=n_docs, chunks=n_rows, vectors=n_rows, rejected=n_rej)
-    manifest = Manifest(
-        version=version,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        run_id=run_id,
-        parent=latest_version(store),
-        model=ModelEntry(
-            name=cfg.model.name, path=cfg.model.path, checkpoint_hash=ckpt_hash, task=cfg.model.task,
-            query_task=query_task, max_length=info.max_length, pooling=info.pooling, dtype=cfg.model.dtype,
-            prefixes=info.prefixes,
-        ),
-        outputs=outputs_entry(cfg, info, window, parts, token_index),
-        dim=dim,
-        tiers=tier_entries,
-        shards=[ShardEntry(path=p["path"], rows=p["rows"], bytes=p["bytes"], sha256=p["sha256"]) for p in parts],
-        rejects=[RejectsEntry(path=r["path"], rows=r["rows"], bytes=r["bytes"], sha256=r["sha256"],
-                              reasons=json.loads(r["reasons"] or "{}")) for r in rejects],
-        counts=counts,
-        quality=quality,
-        source={"uri": cfg.source.uri, "format": corpus.format, "files": len(corpus.files),
-                "fragments": len(corpus.fragments)},
-        config=json.loads(cfg.model_dump_json()),
-        timings=timings,
-        fingerprint=fingerprint,
-        fragments={"total": len(corpus.fragments), "embedded": len(corpus.fragments) - reused,
-                   "reused": reused},
-    )
-    _scrub_secrets(manifest.config)
-    manifest_uri = publish(store, manifest)
-    return BuildResult(cfg.index.uri, version, manifest_uri, counts.model_dump(), timings, manifest)
+    return job.publish(shards=shard_entries(parts), parts=parts, rejects=rejects, tier_entries=tier_entries,
+                       quality=quality, counts=counts, token_index=token_index,
+                       fragments={"total": total, "embedded": total - job.committed_before,
+                                  "reused": job.committed_before},
+                       parent=latest_version(job.store))
 
 
-def _embed_fragments(cfg: JobConfig, corpus: Any, todo: list[Any], duplicates: set[str], run_id: str,
-                     max_length: int, embed_kwargs: dict[str, Any], actor_res: tuple[float, float],
-                     rows_in: int, log: Log) -> None:
-    """Run read -> tokenize -> embed -> write+commit over the fragments in `todo`."""
+def _embed_fragments(job: Job, todo: list[Any], steps: list[tuple[Callable, dict]], rows_in: int) -> None:
+    """Run read -> [steps] -> tokenize -> embed -> write+commit over the fragments in `todo`."""
     import ray.data
 
     if not todo:
         return
-    ds = corpus.dataset(todo)
-    if duplicates:
-        ds = ds.map_batches(mark_duplicates, batch_format="pyarrow", batch_size=None,
-                            fn_kwargs={"duplicate_ids": frozenset(duplicates)})
+    cfg, info = job.cfg, job.info
+    cpus, gpus, threads = actor_resources(cfg.resources)
+    model_json, outputs_json = cfg.model.model_dump_json(), cfg.outputs.model_dump_json()
+    ds = job.corpus.dataset(todo)
+    for fn, kwargs in steps:
+        ds = ds.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
     ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None,
-                        fn_kwargs={"model_json": embed_kwargs["model_json"],
-                                   "outputs_json": embed_kwargs["outputs_json"], "role": cfg.model.role,
-                                   "task": cfg.model.task, "max_length": max_length})
-    reporter = ProgressReporter(rows_in, log, every=cfg.run.progress_seconds)
+                        fn_kwargs={"model_json": model_json, "outputs_json": outputs_json, "role": cfg.model.role,
+                                   "task": cfg.model.task, "max_length": info.max_length})
+    reporter = ProgressReporter(rows_in, job.log, every=cfg.run.progress_seconds)
     ds = ds.map_batches(
-        EmbedActor, fn_constructor_kwargs={**embed_kwargs, "progress": reporter.counter},
+        EmbedActor,
+        fn_constructor_kwargs={"model_json": model_json, "outputs_json": outputs_json, "task": cfg.model.task,
+                               "batch_tokens": cfg.resources.batch_tokens, "torch_threads": threads,
+                               "window": job.window, "window_overlap": window_overlap(cfg, job.window),
+                               "progress": reporter.counter},
         compute=ray.data.ActorPoolStrategy(size=cfg.resources.actors),
-        batch_size=None, batch_format="pyarrow", num_cpus=actor_res[0], num_gpus=actor_res[1],
+        batch_size=None, batch_format="pyarrow", num_cpus=cpus, num_gpus=gpus,
     )
     ds = ds.map_batches(write_fragment, batch_format="pyarrow", batch_size=None,
-                        fn_kwargs={"root": cfg.index.uri, "storage": cfg.index.storage, "run_id": run_id})
+                        fn_kwargs={"root": cfg.index.uri, "storage": cfg.index.storage, "run_id": job.run_id})
     written, start = 0, time.perf_counter()
     with reporter:
         for rec in ds.iter_rows():
             written += rec["rows"]
             rate = written / max(time.perf_counter() - start, 1e-9)
-            log(f"[embindex] {written} rows written this pass ({rate:.0f} rows/s)")
+            job.log(f"[embindex] {written} rows written this pass ({rate:.0f} rows/s)")
 
 
 def reconcile(store: Storage, parts: list[dict[str, Any]], rejects: list[dict[str, Any]],

@@ -82,6 +82,8 @@ class Manifest(_M):
     timings: dict[str, float] = Field(default_factory=dict)
     fingerprint: str | None = None  # model + outputs settings: vectors of two versions are comparable iff equal
     fragments: dict[str, int] = Field(default_factory=dict)  # total / embedded / reused in this run
+    tombstones: dict[str, Any] = Field(default_factory=dict)  # {path, rows}: ordinals hidden from search
+    delta: dict[str, int] = Field(default_factory=dict)  # reindex: added / changed / deleted / unchanged
 
     def tier(self, dim: int | None) -> TierEntry:
         """The tier of width `dim` (None: the narrowest)."""

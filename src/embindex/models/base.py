@@ -8,6 +8,7 @@ clear message when it does not support it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -149,6 +150,35 @@ class ModelFamily(ABC):
                 f"model family {self.name!r} has no task {task!r}; "
                 + (f"choose one of {tasks}" if tasks else "it takes no task")
             )
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    """A checkpoint's JSON file, or None when it is absent."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_config(path: str) -> dict[str, Any]:
+    """`<path>/config.json`, or a ModelError saying the directory is not a checkpoint."""
+    cfg = read_json(os.path.join(path, "config.json"))
+    if cfg is None:
+        raise ModelError(f"{path}: no config.json; not a Hugging Face checkpoint directory")
+    return cfg
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The checkpoint's weight files (sharded index first). Pickled weights are refused, never loaded."""
+    index = read_json(os.path.join(path, "model.safetensors.index.json"))
+    if index is not None:
+        return [os.path.join(path, f) for f in sorted(set(index["weight_map"].values()))]
+    found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if found:
+        return [os.path.join(path, f) for f in found]
+    pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
+    hint = f" (found {pickles}; pickled weights are not loaded, convert them to safetensors)" if pickles else ""
+    raise ModelError(f"{path}: no .safetensors weights{hint}")
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:

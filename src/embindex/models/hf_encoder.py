@@ -6,14 +6,15 @@ present (`1_Pooling/config.json`, `sentence_bert_config.json`, `config_sentence_
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from .base import (
+    read_config,
+    read_json,
     POOLERS,
     ModelError,
     ModelFamily,
@@ -29,19 +30,13 @@ from .base import (
 )
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
 
 def _st_pooling(path: str) -> str | None:
     """Pooling mode declared by a sentence-transformers checkpoint, if any."""
-    modules = _read_json(os.path.join(path, "modules.json")) or []
+    modules = read_json(os.path.join(path, "modules.json")) or []
     pool_dirs = [m.get("path", "") for m in modules if m.get("type", "").endswith("Pooling")]
     for d in pool_dirs or ["1_Pooling"]:
-        cfg = _read_json(os.path.join(path, d, "config.json"))
+        cfg = read_json(os.path.join(path, d, "config.json"))
         if not cfg:
             continue
         if cfg.get("pooling_mode_cls_token"):
@@ -112,16 +107,14 @@ class HFEncoderFamily(ModelFamily):
 
     def __init__(self, spec):
         super().__init__(spec)
-        self.config = _read_json(os.path.join(spec.path, "config.json"))
-        if self.config is None:
-            raise ModelError(f"{spec.path}: no config.json; not a Hugging Face checkpoint directory")
+        self.config = read_config(spec.path)
         if spec.task is not None:
             raise ModelError(f"model family 'hf-encoder' takes no task (got {spec.task!r})")
         pooling = spec.pooling if spec.pooling != "auto" else (_st_pooling(spec.path) or "mean")
         if pooling not in POOLERS:
             raise ModelError(f"unknown pooling {pooling!r}; choose one of {sorted(POOLERS)}")
         self.pooling = pooling
-        st_cfg = _read_json(os.path.join(spec.path, "sentence_bert_config.json")) or {}
+        st_cfg = read_json(os.path.join(spec.path, "sentence_bert_config.json")) or {}
         arch_max = int(self.config.get("max_position_embeddings", 512))
         if self.config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
             arch_max -= 2  # positions start after padding_idx
@@ -129,7 +122,7 @@ class HFEncoderFamily(ModelFamily):
         self.max_length = int(spec.max_length or default_max)
         if self.max_length > arch_max:
             raise ModelError(f"model.max_length {self.max_length} exceeds the model's {arch_max} positions")
-        st = _read_json(os.path.join(spec.path, "config_sentence_transformers.json")) or {}
+        st = read_json(os.path.join(spec.path, "config_sentence_transformers.json")) or {}
         prompts = dict(st.get("prompts") or {})
         if "document" not in prompts and "passage" in prompts:
             prompts["document"] = prompts["passage"]

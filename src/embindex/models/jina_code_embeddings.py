@@ -21,7 +21,6 @@ Facts (MODELS.md §5, model card `INSTRUCTION_CONFIG`):
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
@@ -29,6 +28,9 @@ import numpy as np
 import torch
 
 from .base import (
+    read_config,
+    read_json,
+    safetensors_files,
     ModelError,
     ModelFamily,
     ModelInfo,
@@ -65,12 +67,6 @@ KNOWN_MATRYOSHKA: dict[int, list[int]] = {
 DEFAULT_MAX_LENGTH = 8192  # the model card's MAX_LENGTH; the architecture allows 32768
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
 
 def task_prefix(task: str | None, role: str) -> str:
     """The instruction prepended to a text of `role` ("query", or "document"/"passage") for `task`."""
@@ -98,21 +94,6 @@ def matryoshka_dims(hidden_size: int, config: dict[str, Any]) -> list[int]:
     return [hidden_size]
 
 
-def _weight_files(path: str) -> list[str]:
-    """The checkpoint's safetensors files (sharded via model.safetensors.index.json, or single)."""
-    index = _read_json(os.path.join(path, "model.safetensors.index.json"))
-    if index is not None:
-        return [os.path.join(path, f) for f in sorted(set(index["weight_map"].values()))]
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(single):
-        return [single]
-    found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if found:
-        return [os.path.join(path, f) for f in found]
-    pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
-    hint = f" (found {pickles}; pickled weights are not loaded, convert them to safetensors)" if pickles else ""
-    raise ModelError(f"{path}: no .safetensors weights{hint}")
-
 
 class JinaCodeTokenizer(TextTokenizer):
     """Instruction prefix + text -> token ids with the checkpoint's own `tokenizer.json`."""
@@ -128,8 +109,8 @@ class JinaCodeTokenizer(TextTokenizer):
         self.tok.enable_truncation(max_length=max_length)
         self.max_length = max_length
         self.default_task = default_task
-        tok_cfg = _read_json(os.path.join(path, "tokenizer_config.json")) or {}
-        tok_json = _read_json(tok_file) or {}
+        tok_cfg = read_json(os.path.join(path, "tokenizer_config.json")) or {}
+        tok_json = read_json(tok_file) or {}
         self.padding_side = _padding_side(tok_cfg, tok_json)
         self.pad_token_id = _pad_token_id(self.tok, tok_cfg)
 
@@ -201,7 +182,7 @@ def load_qwen2_state_dict(
 
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
-    for file in _weight_files(path):
+    for file in safetensors_files(path):
         with safe_open(file, framework="pt", device="cpu") as f:
             for key in f.keys():
                 name = key[len("model.") :] if key.startswith("model.") else key
@@ -233,16 +214,14 @@ class JinaCodeEmbeddingsFamily(ModelFamily):
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
-        config = _read_json(os.path.join(spec.path, "config.json"))
-        if config is None:
-            raise ModelError(f"{spec.path}: no config.json; not a Hugging Face checkpoint directory")
+        config = read_config(spec.path)
         if config.get("model_type") != "qwen2":
             raise ModelError(
                 f"{spec.path}: model_type {config.get('model_type')!r}; jina-code-embeddings expects 'qwen2'"
             )
         if not os.path.exists(os.path.join(spec.path, "tokenizer.json")):
             raise ModelError(f"{spec.path}: no tokenizer.json")
-        _weight_files(spec.path)  # fail early when there are no safetensors weights
+        safetensors_files(spec.path)  # fail early when there are no safetensors weights
         task_prefix(spec.task, "query")  # a known task is required
         if spec.pooling not in ("auto", "last"):
             raise ModelError(f"jina-code-embeddings uses last-token pooling (got pooling {spec.pooling!r})")

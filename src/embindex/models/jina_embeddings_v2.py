@@ -18,7 +18,6 @@ Facts (MODELS.md §8; TEI `backends/candle/src/models/jina.rs`):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -30,6 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import (
+    read_config,
+    read_json,
+    safetensors_files,
     POOLERS,
     ModelError,
     ModelFamily,
@@ -258,23 +260,6 @@ class JinaBertModel(nn.Module):
 _IGNORED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids")
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def _weight_files(path: str) -> list[str]:
-    index = _read_json(os.path.join(path, "model.safetensors.index.json"))
-    if index is not None:
-        return [os.path.join(path, f) for f in sorted(set(index["weight_map"].values()))]
-    found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if found:
-        return [os.path.join(path, f) for f in found]
-    pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
-    hint = f" (found {pickles}; pickled weights are not loaded, convert them to safetensors)" if pickles else ""
-    raise ModelError(f"{path}: no .safetensors weights{hint}")
 
 
 def load_jina_bert_state_dict(
@@ -285,7 +270,7 @@ def load_jina_bert_state_dict(
 
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
-    for file in _weight_files(path):
+    for file in safetensors_files(path):
         with safe_open(file, framework="pt", device="cpu") as f:
             for key in f.keys():
                 name = key[len("bert.") :] if key.startswith("bert.") else key
@@ -335,7 +320,7 @@ class JinaBertTokenizer(TextTokenizer):
         self.tok.no_padding()
         self.tok.enable_truncation(max_length=max_length)
         self.max_length = max_length
-        tok_cfg = _read_json(os.path.join(path, "tokenizer_config.json")) or {}
+        tok_cfg = read_json(os.path.join(path, "tokenizer_config.json")) or {}
         pad = tok_cfg.get("pad_token", "[PAD]")
         pad = pad.get("content") if isinstance(pad, dict) else pad
         pad_id = self.tok.token_to_id(pad) if pad is not None else None
@@ -395,15 +380,13 @@ class JinaEmbeddingsV2Family(ModelFamily):
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
-        cfg = _read_json(os.path.join(spec.path, "config.json"))
-        if cfg is None:
-            raise ModelError(f"{spec.path}: no config.json; not a Hugging Face checkpoint directory")
+        cfg = read_config(spec.path)
         self.config = JinaBertConfig.from_dict(cfg, f"{spec.path}/config.json")
         if spec.task is not None:
             raise ModelError(f"model family 'jina-embeddings-v2' takes no task (got {spec.task!r})")
         if not os.path.exists(os.path.join(spec.path, "tokenizer.json")):
             raise ModelError(f"{spec.path}: no tokenizer.json")
-        _weight_files(spec.path)
+        safetensors_files(spec.path)
         pooling = spec.pooling if spec.pooling != "auto" else cfg.get("emb_pooler") or "mean"
         if pooling not in POOLERS:
             raise ModelError(f"unknown pooling {pooling!r}; choose one of {sorted(POOLERS)}")

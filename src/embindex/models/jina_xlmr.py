@@ -23,7 +23,6 @@ batch runs each task's rows through the delta of that task), and task id -1 mean
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
@@ -34,21 +33,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import ModelError
+from .base import ModelError, read_json
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SUPPORTED_ACTS = ("gelu",)  # the reference uses exact (erf) GELU
 _PARAM_ORIGINAL = ".parametrizations.weight.original"
 _PARAM_LORA = re.compile(r"^(?P<module>.+)\.parametrizations\.weight\.0\.lora_(?P<ab>[AB])$")
-
-
-def read_json(path: str) -> dict[str, Any] | None:
-    """The parsed JSON file at `path`, or None when it does not exist."""
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 # ----------------------------------------------------------------------------------------------

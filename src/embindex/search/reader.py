@@ -18,7 +18,9 @@ from ..index.manifest import Manifest
 from ..index.publish import latest_version, read_manifest
 from ..index.multivector import maxsim_scores, shard_token_vectors, token_candidates
 from ..index.shards import read_table, vectors_of
+from ..index.tombstones import read_tombstones, tombstone_mask
 from ..storage import Storage, StorageOptions
+from . import funnel
 
 
 @dataclass
@@ -48,6 +50,7 @@ class IndexReader:
         self._chunks: list[dict | None] = []
         self._token_vectors: list[np.ndarray] | None = None
         self._token_index = None
+        self._tombstones: np.ndarray | None = None
         self._vectors: np.ndarray | None = None
 
     # -- lazy loading ---------------------------------------------------------------------------
@@ -67,32 +70,31 @@ class IndexReader:
         return self._embedder
 
     def tier_index(self, dim: int):
+        """The tier's search object: a FAISS index, or funnel.ShardedIndex (layout in the manifest)."""
         if dim not in self._tiers:
-            entry = self.manifest.tier(dim)
-            self._tiers[dim] = tiers.deserialize(self.storage.read_bytes(entry.files[0]))
+            self._tiers[dim] = funnel.open_tier(self.storage, self.manifest.tier(dim))
         return self._tiers[dim]
 
     def _load_docs(self) -> None:
+        """ids, metadata and chunk offsets of every row (not the vectors: see `vectors`)."""
         ids: list[str] = []
         metas: list[str | None] = []
         chunks: list[dict | None] = []
-        vecs = []
         for shard in self.manifest.shards:
-            t = read_table(self.storage, shard.path, columns=["id", "meta", "chunk", "start", "end", "vector"])
+            t = read_table(self.storage, shard.path, columns=["id", "meta", "chunk", "start", "end"])
             ids.extend(t.column("id").to_pylist())
             metas.extend(t.column("meta").to_pylist())
             chunks.extend(None if c is None else {"index": c, "start": s, "end": e} for c, s, e in
                           zip(*(t.column(n).to_pylist() for n in ("chunk", "start", "end"))))
-            vecs.append(vectors_of(t))
         self._docs = (ids, metas)
         self._chunks = chunks
-        self._vectors = np.concatenate(vecs) if vecs else np.zeros((0, self.manifest.dim), np.float32)
 
     @property
     def vectors(self) -> np.ndarray:
-        """Full-width vectors of every row, in ordinal order."""
+        """Full-width vectors of every row, in ordinal order (loaded on first use)."""
         if self._vectors is None:
-            self._load_docs()
+            vecs = [vectors_of(read_table(self.storage, s.path, columns=["vector"])) for s in self.manifest.shards]
+            self._vectors = np.concatenate(vecs) if vecs else np.zeros((0, self.manifest.dim), np.float32)
         return self._vectors
 
     @property
@@ -126,9 +128,20 @@ class IndexReader:
             return self.search_multivector(queries, k=k, tier=tier, rescore=rescore)
         vectors = self.encode_queries(queries)
         if mode in ("late", "naive"):
-            rows = self.search_vectors(vectors, k=k * CHUNKS_PER_HIT, tier=tier, rescore=rescore)
-            return [best_chunk_per_document(r, k) for r in rows]
+            return self._search_chunks(vectors, k, tier, rescore)
         return self.search_vectors(vectors, k=k, tier=tier, rescore=rescore)
+
+    def _search_chunks(self, vectors: np.ndarray, k: int, tier: int | None, rescore: int | None) -> list[list[Hit]]:
+        """Document-level hits over chunk rows: widen the row shortlist until every query has k distinct
+        documents (or every row was fetched), so one long document cannot crowd the others out."""
+        total = self.manifest.counts.vectors
+        fetch = k * CHUNKS_PER_HIT
+        while True:
+            rows = self.search_vectors(vectors, k=min(fetch, total), tier=tier, rescore=rescore)
+            docs = [best_chunk_per_document(r, k) for r in rows]
+            if fetch >= total or all(len(d) >= k for d in docs):
+                return docs
+            fetch *= 4
 
     def search_rows(self, query_vectors: np.ndarray, k: int = 10, tier: int | None = None,
                     rescore: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -136,12 +149,12 @@ class IndexReader:
         entry = self.manifest.tier(tier)
         if rescore is None:
             rescore = int(self.manifest.config.get("index", {}).get("rescore", 10))
-        index = self.tier_index(entry.dim)
         q = np.ascontiguousarray(query_vectors, dtype=np.float32)
-        if rescore > 1 and entry.dim < self.manifest.dim:
-            _, shortlist = tiers.search_tier(index, q, k * rescore)
-            return tiers.rescore(self.vectors, tiers.truncate(q, self.manifest.dim), shortlist, k)
-        return tiers.search_tier(index, q, k)
+        m = self.manifest
+        # full-width vectors: in memory when loaded or small, else only the shortlisted rows from Parquet
+        full = funnel.ArrayVectors(self._vectors) if self._vectors is not None else funnel.full_width_source(
+            self.storage, [s.path for s in m.shards], [s.rows for s in m.shards], m.dim, load=lambda: self.vectors)
+        return funnel.tier_funnel(self.tier_index(entry.dim), entry, m.dim, rescore, full).search(q, k)
 
     def hits(self, scores: np.ndarray, ordinals: np.ndarray) -> list[Hit]:
         """Hits for row ordinals (-1 entries skipped)."""
@@ -150,12 +163,25 @@ class IndexReader:
         return [Hit(id=doc_ids[i], score=float(s), meta=json.loads(metas[i]) if metas[i] else {},
                     chunk=self._chunks[i]) for s, i in zip(scores, ordinals) if i >= 0]
 
+    @property
+    def tombstones(self) -> np.ndarray:
+        """Sorted ordinals of rows this version hides (replaced or deleted documents)."""
+        if self._tombstones is None:
+            self._tombstones = read_tombstones(self.storage, self.manifest)
+        return self._tombstones
+
     def search_vectors(self, query_vectors: np.ndarray, k: int = 10, tier: int | None = None,
                        rescore: int | None = None) -> list[list[Hit]]:
         if self.manifest.counts.vectors == 0:
             return [[] for _ in range(len(query_vectors))]
-        scores, ids = self.search_rows(query_vectors, k=k, tier=tier, rescore=rescore)
-        return [self.hits(s, i) for s, i in zip(scores, ids)]
+        dead = self.tombstones
+        fetch = k + min(int(dead.size), 10 * k)  # over-fetch, then drop tombstoned rows
+        scores, ids = self.search_rows(query_vectors, k=fetch, tier=tier, rescore=rescore)
+        out = []
+        for s, i in zip(scores, ids):
+            alive = ~tombstone_mask(i, dead)
+            out.append(self.hits(s[alive][:k], i[alive][:k]))
+        return out
 
     def search_multivector(self, queries: Sequence[str], k: int = 10, tier: int | None = None,
                            rescore: int | None = None) -> list[list[Hit]]:
@@ -170,11 +196,13 @@ class IndexReader:
                 if self._token_index is None:
                     self._token_index = tiers.deserialize(self.storage.read_bytes(mv["token_index"]["file"]))
                 cand = token_candidates(self._token_index, q, int(mv.get("token_k", 64)))
+                cand = cand[~tombstone_mask(cand, self.tombstones)]
             else:
                 pooled = q.mean(0, keepdims=True)
                 pooled /= max(float(np.linalg.norm(pooled)), 1e-12)
                 _, rows = self.search_rows(pooled, k=k * rescore, tier=tier, rescore=1)
                 cand = rows[0][rows[0] >= 0]
+            cand = cand[~tombstone_mask(cand, self.tombstones)]
             scores = maxsim_scores(q, [stored[i] for i in cand])
             order = np.argsort(-scores, kind="stable")[:k]
             out.append(self.hits(scores[order], cand[order]))

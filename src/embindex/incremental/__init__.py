@@ -1,0 +1,1 @@
+"""Incremental re-indexing: snapshot diff by content hash, tombstones, delta tiers."""
