@@ -216,8 +216,7 @@ def minilm_config(corpus: str, index_uri: str, outputs: dict) -> dict:
         "model": {"name": "hf-encoder", "path": MINILM, "dtype": "float32"},
         "outputs": outputs,
         "index": {"uri": index_uri, "tiers": ["full"], "factory": "Flat", "quality_sample": 0},
-        "resources": {"actors": 1, "cpus_per_actor": 2, "torch_threads": 2, "batch_tokens": 16384,
-                      "rows_per_actor_call": 64},
+        "resources": {"actors": 1, "cpus_per_actor": 2, "torch_threads": 2, "batch_tokens": 16384},
         "run": {"progress": False},
     }
 

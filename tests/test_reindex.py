@@ -129,3 +129,21 @@ def test_compact_and_retention(ray_cluster, tmp_path):
     assert not (tmp_path / "idx" / first_shards[0]).exists()
     fresh = embindex.open_index(uri)
     assert [h[0].id for h in fresh.search([docs[2]["text"]], k=1)] == [docs[2]["id"]]
+
+
+def test_tiers_are_retrained_when_the_index_outgrows_them(ray_cluster, tmp_path):
+    docs = sample_docs(60)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs[:20]))
+    cfg = job_config(str(corpus), str(tmp_path / "idx"))
+    assert reindex(cfg, log=None).manifest.trained_rows == 20
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs[:30]))  # 30 <= 2 x 20: extend the tiers
+    grown = reindex(cfg, log=None).manifest
+    assert grown.trained_rows == 20 and grown.tiers[0].layout == "shards" and len(grown.tiers[0].files) == 2
+    assert "carried_from" in grown.quality
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))  # 60 > 2 x 20: retrain every tier
+    retrained = reindex(cfg, log=None).manifest
+    assert retrained.trained_rows == 60 and retrained.delta["added"] == 30
+    assert len(retrained.tiers[0].files) == 1 and "carried_from" not in retrained.quality
+    hits = embindex.open_index(str(tmp_path / "idx")).search([d["text"] for d in docs[40:43]], k=1)
+    assert [h[0].id for h in hits] == [d["id"] for d in docs[40:43]]

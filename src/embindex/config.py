@@ -135,7 +135,7 @@ class IndexConfig(_Section):
     single_file_max_rows: int = Field(200_000, ge=0, description="non-IVF tiers up to this size are one file")
     storage: dict[str, Any] = Field(default_factory=dict)
     keep_versions: int | None = Field(None, gt=0, description="versions kept after a publish (None: all)")
-    compact_deleted_fraction: float = Field(0.2, gt=0, le=1, description="`embindex compact` threshold")
+    retrain_growth: float = Field(2.0, gt=1, description="reindex retrains tiers once rows exceed this x trained")
 
     def storage_options(self) -> StorageOptions:
         return StorageOptions.from_dict(self.storage)

@@ -237,7 +237,7 @@ def build(
                        quality=quality, counts=counts, token_index=token_index,
                        fragments={"total": total, "embedded": total - job.committed_before,
                                   "reused": job.committed_before},
-                       parent=latest_version(job.store))
+                       parent=latest_version(job.store), trained_rows=n_rows)
 
 
 def _embed_fragments(job: Job, todo: list[Any], steps: list[tuple[Callable, dict]], rows_in: int) -> None:

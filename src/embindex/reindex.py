@@ -26,6 +26,7 @@ from .index.manifest import Counts
 from .index.multivector import build_token_index
 from .index.publish import latest_version, read_manifest
 from .index.shards import _put, read_table
+from .index.tier_builder import build_tiers
 from .index.tombstones import read_tombstones
 from .pipeline import BuildResult, Job, Log, ReconciliationError, _stderr, build, shard_entries
 from .ray_runtime import ray_session
@@ -83,8 +84,18 @@ def reindex(config: str | os.PathLike | dict[str, Any] | JobConfig, overrides: d
             raise ReconciliationError(f"rows in {rows_in} != live {n_docs} + rejected {n_rej}; not published")
 
         t = time.perf_counter()
-        tier_entries = extend_tiers(store, base.tiers, [p["path"] for p in parts], live.total, job.run_id)
         all_paths = base_paths + [p["path"] for p in parts]
+        trained_rows = base.trained_rows or live.total
+        if live.total + len(delta_ids) > cfg.index.retrain_growth * trained_rows:
+            log(f"[embindex] {live.total + len(delta_ids)} rows > {cfg.index.retrain_growth}x the {trained_rows} "
+                "the tiers were trained on: retraining every tier")
+            tier_entries, quality = build_tiers(store, all_paths, job.info.dim, job.tier_dims, cfg.index,
+                                                job.run_id)
+            trained_rows = live.total + len(delta_ids)
+        else:
+            tier_entries = extend_tiers(store, base.tiers, [p["path"] for p in parts], live.total, job.run_id)
+            quality = dict(base.quality)
+            quality["carried_from"] = base.quality.get("carried_from", base_version)
         token_index = None
         if cfg.outputs.multivector is not None and cfg.outputs.multivector.candidates == "tokens":
             token_index = build_token_index(store, all_paths, job.info.dim, job.run_id)
@@ -95,8 +106,6 @@ def reindex(config: str | os.PathLike | dict[str, Any] | JobConfig, overrides: d
     total_rows = live.total + len(delta_ids)
     live_rows_n = total_rows - len(dead)
     counts = Counts(rows_in=rows_in, documents=n_docs, chunks=live_rows_n, vectors=live_rows_n, rejected=n_rej)
-    quality = dict(base.quality)
-    quality["carried_from"] = base.quality.get("carried_from", base_version)
     n_frag = len(job.corpus.fragments)
     embedded = len([f for f in job.corpus.fragments if wanted(f)])
     all_parts = [{"path": s.path, "rows": s.rows, "tokens": 0} for s in base.shards] + parts
@@ -111,4 +120,5 @@ def reindex(config: str | os.PathLike | dict[str, Any] | JobConfig, overrides: d
         parent=base_version,
         tombstones={"path": tomb_rel, "rows": int(len(dead))},
         delta={**delta.summary(), "documents_embedded": len(delta_docs)},
+        trained_rows=trained_rows,
     )

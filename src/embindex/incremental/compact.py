@@ -71,7 +71,7 @@ def compact(uri: str, storage: dict[str, Any] | None = None, threshold: float = 
     manifest = base.model_copy(deep=True, update={
         "version": next_version(store), "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_id": run_id, "parent": base.version, "shards": shards, "tiers": tier_entries, "quality": quality,
-        "tombstones": {}, "delta": {}, "outputs": outputs,
+        "tombstones": {}, "delta": {}, "outputs": outputs, "trained_rows": sum(s.rows for s in shards),
         "counts": base.counts.model_copy(update={"chunks": rows, "vectors": rows}),
         "fragments": {"total": 0, "embedded": 0, "reused": 0},
         "timings": {"total_s": round(time.perf_counter() - t0, 3)},

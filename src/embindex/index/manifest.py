@@ -84,6 +84,7 @@ class Manifest(_M):
     fragments: dict[str, int] = Field(default_factory=dict)  # total / embedded / reused in this run
     tombstones: dict[str, Any] = Field(default_factory=dict)  # {path, rows}: ordinals hidden from search
     delta: dict[str, int] = Field(default_factory=dict)  # reindex: added / changed / deleted / unchanged
+    trained_rows: int | None = None  # rows the tiers were last trained on (reindex retrains past a growth)
 
     def tier(self, dim: int | None) -> TierEntry:
         """The tier of width `dim` (None: the narrowest)."""

@@ -184,23 +184,26 @@ class IndexReader:
         return out
 
     def search_multivector(self, queries: Sequence[str], k: int = 10, tier: int | None = None,
-                           rescore: int | None = None) -> list[list[Hit]]:
-        """Candidates from the token index (or the pooled-vector tier), ranked by MaxSim."""
+                           rescore: int | None = None, token_k: int | None = None) -> list[list[Hit]]:
+        """Candidates from the token index (`token_k` nearest stored tokens per query token; default from
+        the manifest) or the pooled-vector tier (k * rescore), ranked by MaxSim."""
         mv = self.manifest.outputs["multivector"]
         q_tokens = self.embedder.encode_tokens(list(queries), role="query", task=self.manifest.model.query_task)
         stored = self.token_vectors()
-        rescore = rescore or int(self.manifest.config.get("index", {}).get("rescore", 10))
+        if rescore is None:
+            rescore = int(self.manifest.config.get("index", {}).get("rescore", 10))
+        token_k = token_k or int(mv.get("token_k", 64))
         out = []
         for q in q_tokens:
             if mv.get("token_index"):
                 if self._token_index is None:
                     self._token_index = tiers.deserialize(self.storage.read_bytes(mv["token_index"]["file"]))
-                cand = token_candidates(self._token_index, q, int(mv.get("token_k", 64)))
+                cand = token_candidates(self._token_index, q, token_k)
                 cand = cand[~tombstone_mask(cand, self.tombstones)]
             else:
                 pooled = q.mean(0, keepdims=True)
                 pooled /= max(float(np.linalg.norm(pooled)), 1e-12)
-                _, rows = self.search_rows(pooled, k=k * rescore, tier=tier, rescore=1)
+                _, rows = self.search_rows(pooled, k=k * max(rescore, 1), tier=tier, rescore=1)
                 cand = rows[0][rows[0] >= 0]
             cand = cand[~tombstone_mask(cand, self.tombstones)]
             scores = maxsim_scores(q, [stored[i] for i in cand])
