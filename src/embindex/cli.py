@@ -22,48 +22,42 @@ def _fail(msg: str) -> None:
     raise typer.Exit(code=1)
 
 
+CONFIG_ARG = typer.Argument(..., help="job config YAML")
+SET_OPT = typer.Option([], "--set", help="override a config key: key.path=value (repeatable)")
+QUIET_OPT = typer.Option(False, "--quiet", "-q", help="only the final summary")
+
+
+def _run_job(run: Any, config: str, set_: List[str], quiet: bool) -> Any:
+    """Parse overrides, run a build or reindex, print its summary; config errors exit 1 with a message."""
+    from pydantic import ValidationError
+
+    from .config import parse_override
+
+    try:
+        overrides = dict(parse_override(s) for s in set_)
+        result = run(config, overrides, log=None if quiet else _log)
+    except (ValidationError, ValueError, FileNotFoundError, ImportError) as e:
+        _fail(str(e))
+    typer.echo(result.summary())
+    return result
+
+
 @app.command()
-def build(
-    config: str = typer.Argument(..., help="job config YAML"),
-    set_: List[str] = typer.Option([], "--set", help="override a config key: key.path=value (repeatable)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="only the final summary"),
-) -> None:
+def build(config: str = CONFIG_ARG, set_: List[str] = SET_OPT, quiet: bool = QUIET_OPT) -> None:
     """Build (or rebuild) an index and publish it as a new version."""
     _setup_env()
-    from pydantic import ValidationError
-
-    from .config import parse_override
     from .pipeline import build as run_build
 
-    try:
-        overrides = dict(parse_override(s) for s in set_)
-        result = run_build(config, overrides, log=None if quiet else _log)
-    except (ValidationError, ValueError, FileNotFoundError, ImportError) as e:
-        _fail(str(e))
-        return
-    typer.echo(result.summary())
+    _run_job(run_build, config, set_, quiet)
 
 
 @app.command()
-def reindex(
-    config: str = typer.Argument(..., help="job config YAML (the same as the index's build config)"),
-    set_: List[str] = typer.Option([], "--set", help="override a config key: key.path=value (repeatable)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="only the final summary"),
-) -> None:
+def reindex(config: str = CONFIG_ARG, set_: List[str] = SET_OPT, quiet: bool = QUIET_OPT) -> None:
     """Embed only new or changed documents, tombstone deleted ones, publish a new version."""
     _setup_env()
-    from pydantic import ValidationError
-
-    from .config import parse_override
     from .reindex import reindex as run_reindex
 
-    try:
-        overrides = dict(parse_override(s) for s in set_)
-        result = run_reindex(config, overrides, log=None if quiet else _log)
-    except (ValidationError, ValueError, FileNotFoundError, ImportError) as e:
-        _fail(str(e))
-        return
-    typer.echo(result.summary())
+    result = _run_job(run_reindex, config, set_, quiet)
     if result.manifest.delta:
         d = result.manifest.delta
         typer.echo(f"  delta: {d.get('added', 0)} added, {d.get('changed', 0)} changed, "
