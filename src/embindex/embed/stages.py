@@ -163,6 +163,7 @@ class EmbedActor:
         self.busy_s = 0.0
         self.rows = 0
         self.progress = progress
+        self._pending, self._last_report = 0, time.perf_counter()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
@@ -175,13 +176,26 @@ class EmbedActor:
         else:
             vectors = np.zeros((batch.num_rows, self.dim), dtype=np.float32)
             if todo.size:
-                vectors[todo] = self.embedder.embed_ids(_lists_of(batch.column("input_ids"), todo), self.task)
+                vectors[todo] = self.embedder.embed_ids(_lists_of(batch.column("input_ids"), todo), self.task,
+                                                        on_batch=self._report)
             out = batch.drop_columns(["input_ids"]).append_column(VECTOR_COLUMN, vectors_to_arrow(vectors, ~rejected))
         self.busy_s += time.perf_counter() - start
         self.rows += int(todo.size)
-        if self.progress is not None and todo.size:
-            self.progress.add.remote(int(todo.size))
+        if self.mode not in ("document", "naive"):  # other modes report once per fragment
+            self._report(int(todo.size))
+        self._flush()
         return out
+
+    def _report(self, rows: int) -> None:
+        """Progress to the driver, at most every ~2 s (one tiny remote call)."""
+        self._pending += rows
+        if self.progress is not None and time.perf_counter() - self._last_report > 2.0:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.progress is not None and self._pending:
+            self.progress.add.remote(self._pending)
+        self._pending, self._last_report = 0, time.perf_counter()
 
     # -- late chunking -------------------------------------------------------------------------
     def _late(self, batch: pa.Table, todo: np.ndarray) -> pa.Table:

@@ -6,7 +6,7 @@ caller shares one code path for padding, pooling and normalization.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,14 +41,17 @@ class Embedder:
     def tokenize(self, texts: Sequence[str], role: Role, task: str | None = None) -> list[np.ndarray]:
         return self.tokenizer(texts, role, task)
 
-    def embed_ids(self, ids: Sequence[np.ndarray], task: str | None = None) -> np.ndarray:
-        """Token ids -> [N, dim] float32 L2-normalized, in input order."""
+    def embed_ids(self, ids: Sequence[np.ndarray], task: str | None = None,
+                  on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+        """Token ids -> [N, dim] float32 L2-normalized, in input order. `on_batch(rows)` after each forward."""
         out = np.empty((len(ids), self.info.dim), dtype=np.float32)
         lengths = [len(x) for x in ids]
         for idx in token_budget_batches(lengths, self.batch_tokens):
             input_ids, mask = pad_batch([ids[i] for i in idx], self.tokenizer.pad_token_id, self.padding_side)
             pooled = self.encoder.forward_pooled(torch.from_numpy(input_ids), torch.from_numpy(mask), task)
             out[idx] = pooled.float().cpu().numpy()
+            if on_batch is not None:
+                on_batch(len(idx))
         return l2_normalize(out)
 
     def encode(self, texts: Sequence[str], role: Role = "document", task: str | None = None) -> np.ndarray:
