@@ -79,6 +79,18 @@ def minilm_path() -> str:
     return resolve_model_path("builtin:all-MiniLM-L6-v2")
 
 
+@pytest.fixture(scope="module")
+def tokenizer(family):
+    """The tokenizer of the test module's `family` fixture."""
+    return family.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def encoder(family):
+    """The CPU encoder of the test module's `family` fixture."""
+    return family.load_encoder("cpu")
+
+
 def job_config(source_uri: str, index_uri: str, **sections) -> dict:
     """A small, fast job config on the bundled MiniLM (fp32 for reference-exact vectors)."""
     cfg = {

@@ -33,16 +33,6 @@ def family():
     return load_family(ModelSpec(name=NAME, path=str(FIX), dtype="float32"))
 
 
-@pytest.fixture(scope="module")
-def tokenizer(family):
-    return family.load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def encoder(family):
-    return family.load_encoder("cpu")
-
-
 def _encode(tokenizer, encoder, texts, role):
     """Tokenize, right-pad like the pipeline, forward_tokens -> list of kept [n, d] arrays (+ raw outputs)."""
     ids = tokenizer(texts, role)

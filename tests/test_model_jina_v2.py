@@ -145,16 +145,6 @@ def family(ckpt):
     return load_family(spec(ckpt))
 
 
-@pytest.fixture(scope="module")
-def tokenizer(family):
-    return family.load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def encoder(family):
-    return family.load_encoder("cpu")
-
-
 # ---------------------------------------------------------------------------------------------------
 # Independent reference: float64 numpy, one unpadded sequence at a time, explicit loops
 # ---------------------------------------------------------------------------------------------------

@@ -49,16 +49,6 @@ def family():
     return load_family(ModelSpec(name=NAME, path=str(FIX), dtype="float32"))
 
 
-@pytest.fixture(scope="module")
-def tokenizer(family):
-    return family.load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def encoder(family):
-    return family.load_encoder("cpu")
-
-
 def _pooled(tokenizer, encoder, ids, task) -> np.ndarray:
     input_ids, mask = pad_batch(ids, tokenizer.pad_token_id)
     out = encoder.forward_pooled(torch.from_numpy(input_ids), torch.from_numpy(mask), task)

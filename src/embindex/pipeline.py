@@ -152,7 +152,7 @@ class Job:
         rejects = sorted((r for r in records if r["kind"] == "rejects"), key=lambda r: r["path"])
         return parts, rejects
 
-    def publish(self, *, shards: list[ShardEntry], parts: list[dict], rejects: list[dict],
+    def publish(self, *, shards: list[ShardEntry], tokens: int, rejects: list[dict],
                 tier_entries: list, quality: dict, counts: Counts, token_index: tuple[str, int] | None,
                 fragments: dict[str, int], parent: str | None, **extra: Any) -> BuildResult:
         cfg, info = self.cfg, self.info
@@ -168,7 +168,7 @@ class Job:
                 query_task=self.query_task, max_length=info.max_length, pooling=info.pooling,
                 dtype=cfg.model.dtype, prefixes=info.prefixes,
             ),
-            outputs=outputs_entry(cfg, info, self.window, parts, token_index),
+            outputs=outputs_entry(cfg, info, self.window, tokens, token_index),
             dim=info.dim,
             tiers=tier_entries,
             shards=shards,
@@ -191,6 +191,11 @@ class Job:
 
             collect_garbage(self.store, cfg.index.keep_versions, self.log)
         return BuildResult(cfg.index.uri, version, manifest_uri, counts.model_dump(), dict(self.timings), manifest)
+
+
+def token_count(parts: list[dict]) -> int:
+    """Token vectors stored in these parts (multi-vector outputs)."""
+    return sum(int(p.get("tokens") or 0) for p in parts)
 
 
 def shard_entries(parts: list[dict]) -> list[ShardEntry]:
@@ -233,7 +238,7 @@ def build(
 
     total = len([f for f in job.corpus.fragments if wanted(f)])
     counts = Counts(rows_in=rows_in, documents=n_docs, chunks=n_rows, vectors=n_rows, rejected=n_rej)
-    return job.publish(shards=shard_entries(parts), parts=parts, rejects=rejects, tier_entries=tier_entries,
+    return job.publish(shards=shard_entries(parts), tokens=token_count(parts), rejects=rejects, tier_entries=tier_entries,
                        quality=quality, counts=counts, token_index=token_index,
                        fragments={"total": total, "embedded": total - job.committed_before,
                                   "reused": job.committed_before},
@@ -342,14 +347,13 @@ def check_outputs(cfg: JobConfig, info: Any) -> None:
         raise ValueError("outputs.late_chunking.window_overlap must be smaller than the window")
 
 
-def outputs_entry(cfg: JobConfig, info: Any, window: int, parts: list[dict[str, Any]],
+def outputs_entry(cfg: JobConfig, info: Any, window: int, tokens: int,
                   token_index: tuple[str, int] | None) -> dict[str, Any]:
     """What the manifest records about the outputs: the mode, its settings and multi-vector storage."""
     entry: dict[str, Any] = {"mode": cfg.outputs.mode, **cfg.outputs.model_dump(mode="json")}
     if cfg.outputs.late_chunking is not None:
         entry["late_chunking"].update(window=window, window_overlap=window_overlap(cfg, window))
     if cfg.outputs.multivector is not None:
-        tokens = sum(int(p.get("tokens") or 0) for p in parts)
         entry["multivector"].update(
             dim=info.dim, codec="float16", column="token_vectors", tokens=tokens, bytes_per_token=2 * info.dim,
             score="maxsim",

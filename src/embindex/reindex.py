@@ -16,6 +16,8 @@ import os
 import time
 from typing import Any
 
+import pyarrow as pa
+
 
 from .config import JobConfig, load_config
 from .incremental.delta_tiers import extend_tiers, extendable
@@ -25,10 +27,10 @@ from .index import layout
 from .index.manifest import Counts
 from .index.multivector import build_token_index
 from .index.publish import latest_version, read_manifest
-from .index.shards import _put, read_table
+from .index.shards import put_table, read_table
 from .index.tier_builder import build_tiers
 from .index.tombstones import read_tombstones
-from .pipeline import BuildResult, Job, Log, ReconciliationError, _stderr, build, shard_entries
+from .pipeline import BuildResult, Job, Log, ReconciliationError, _stderr, build, shard_entries, token_count
 from .ray_runtime import ray_session
 from .sources.normalize import mark_duplicates
 from .storage import Storage
@@ -66,7 +68,7 @@ def reindex(config: str | os.PathLike | dict[str, Any] | JobConfig, overrides: d
         def wanted(f: Any) -> bool:
             return f.id in embed_fragments or f.id in snap.fragments_with_rejects
 
-        steps = [(keep_delta_rows, {"embed_ids": frozenset(delta.to_embed)})]
+        steps = [(keep_delta_rows, {"embed_ids": pa.array(sorted(delta.to_embed), pa.string())})]
         if snap.duplicates:
             steps.insert(0, (mark_duplicates, {"duplicate_ids": frozenset(snap.duplicates)}))
         job.embed(wanted, rows_in, steps)
@@ -100,7 +102,7 @@ def reindex(config: str | os.PathLike | dict[str, Any] | JobConfig, overrides: d
         if cfg.outputs.multivector is not None and cfg.outputs.multivector.candidates == "tokens":
             token_index = build_token_index(store, all_paths, job.info.dim, job.run_id)
         tomb_rel = f"{layout.run_dir(job.run_id)}/tombstones.parquet"
-        _put(store, tomb_rel, tombstone_table(dead, live.ids))
+        put_table(store, tomb_rel, tombstone_table(dead, live.ids))
         job.timings["tiers_s"] = round(time.perf_counter() - t, 3)
 
     total_rows = live.total + len(delta_ids)
@@ -108,12 +110,9 @@ def reindex(config: str | os.PathLike | dict[str, Any] | JobConfig, overrides: d
     counts = Counts(rows_in=rows_in, documents=n_docs, chunks=live_rows_n, vectors=live_rows_n, rejected=n_rej)
     n_frag = len(job.corpus.fragments)
     embedded = len([f for f in job.corpus.fragments if wanted(f)])
-    all_parts = [{"path": s.path, "rows": s.rows, "tokens": 0} for s in base.shards] + parts
-    if cfg.outputs.multivector is not None:
-        base_tokens = int((base.outputs.get("multivector") or {}).get("tokens", 0))
-        all_parts[0]["tokens"] = base_tokens
+    base_tokens = int((base.outputs.get("multivector") or {}).get("tokens", 0))
     return job.publish(
-        shards=list(base.shards) + shard_entries(parts), parts=all_parts, rejects=rejects,
+        shards=list(base.shards) + shard_entries(parts), tokens=base_tokens + token_count(parts), rejects=rejects,
         tier_entries=tier_entries, quality=quality, counts=counts, token_index=token_index,
         fragments={"total": n_frag, "embedded": embedded - job.committed_before,
                    "reused": n_frag - embedded + job.committed_before},

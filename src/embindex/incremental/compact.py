@@ -21,7 +21,7 @@ from ..index import layout
 from ..index.manifest import Manifest, ShardEntry
 from ..index.multivector import build_token_index
 from ..index.publish import latest_version, list_versions, next_version, publish, read_manifest
-from ..index.shards import _put, read_table
+from ..index.shards import put_table, read_table
 from ..index.tier_builder import build_tiers
 from ..index.tombstones import read_tombstones, tombstone_mask
 from ..storage import Storage, StorageOptions
@@ -57,7 +57,7 @@ def compact(uri: str, storage: dict[str, Any] | None = None, threshold: float = 
         if live.num_rows == 0:
             continue
         rel = f"{layout.run_dir(run_id)}/part-{i:05d}.parquet"
-        size, sha = _put(store, rel, live)
+        size, sha = put_table(store, rel, live)
         shards.append(ShardEntry(path=rel, rows=live.num_rows, bytes=size, sha256=sha))
     index_cfg = IndexConfig.model_validate({**base.config.get("index", {}), "uri": uri, "storage": {}})
     paths = [s.path for s in shards]

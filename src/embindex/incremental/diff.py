@@ -112,12 +112,11 @@ def tombstone_table(ordinals: np.ndarray, ids: list[str]) -> pa.Table:
     return pa.table({"ordinal": pa.array(ordinals, pa.int64()), "id": pa.array([ids[o] for o in ordinals])})
 
 
-def keep_delta_rows(batch: pa.Table, embed_ids: frozenset[str]) -> pa.Table:
-    """Ray Data step of a reindex: rejects and the documents to embed; unchanged documents are dropped
-    (their rows are reused from the previous version)."""
+def keep_delta_rows(batch: pa.Table, embed_ids: pa.Array) -> pa.Table:
+    """Ray Data step of a reindex: rejects and the documents to embed (`embed_ids`, a string array built
+    once by the driver); unchanged documents are dropped (their rows are reused from the previous version)."""
     if batch.num_rows == 0:
         return batch
     keep = pc.or_(pc.is_valid(batch.column("reject")),
-                  pc.fill_null(pc.is_in(batch.column("id"), value_set=pa.array(sorted(embed_ids), pa.string())),
-                               False))
+                  pc.fill_null(pc.is_in(batch.column("id"), value_set=embed_ids), False))
     return batch.filter(keep)

@@ -45,7 +45,7 @@ def _to_parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def _put(storage: Storage, rel: str, table: pa.Table) -> tuple[int, str]:
+def put_table(storage: Storage, rel: str, table: pa.Table) -> tuple[int, str]:
     data = _to_parquet_bytes(table)
     storage.write_bytes(rel, data)
     return len(data), hashlib.sha256(data).hexdigest()
@@ -79,12 +79,12 @@ def write_fragment(batch: pa.Table, root: str, storage: dict[str, Any], run_id: 
     records: list[dict[str, Any]] = []
     if docs.num_rows:
         rel = layout.part_path(run_id, fragment)
-        size, sha = _put(store, rel, docs)
+        size, sha = put_table(store, rel, docs)
         records.append({"kind": "part", "path": rel, "rows": docs.num_rows, "bytes": size, "sha256": sha,
                         "reasons": None, "tokens": _token_count(docs), "fragment": fragment})
     if rejects.num_rows:
         rel = layout.rejects_path(run_id, fragment)
-        size, sha = _put(store, rel, rejects)
+        size, sha = put_table(store, rel, rejects)
         counts: dict[str, int] = {}
         for r in rejects.column("reject").to_pylist():
             counts[r] = counts.get(r, 0) + 1

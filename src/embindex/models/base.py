@@ -12,7 +12,7 @@ import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import numpy as np
 import torch
@@ -179,6 +179,40 @@ def safetensors_files(path: str) -> list[str]:
     pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
     hint = f" (found {pickles}; pickled weights are not loaded, convert them to safetensors)" if pickles else ""
     raise ModelError(f"{path}: no .safetensors weights{hint}")
+
+
+def load_checked_state(path: str, expected: dict[str, torch.Tensor], rename: Callable[[str], str | None],
+                       dtype: torch.dtype, device: torch.device, layout: str) -> dict[str, torch.Tensor]:
+    """Read the checkpoint's safetensors into the model's key names and check them against `expected`:
+    `rename(key)` gives the model name (None: an ignored tensor); shapes must match; nothing may be
+    missing or left over. Floating tensors are cast to `dtype`."""
+    from safetensors import safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                name = rename(key)
+                if name is None:
+                    continue
+                if name not in expected:
+                    unexpected.append(key)
+                    continue
+                t = f.get_tensor(key)
+                if tuple(t.shape) != tuple(expected[name].shape):
+                    raise ModelError(
+                        f"{path}: tensor {key} has shape {tuple(t.shape)}, config.json implies "
+                        f"{tuple(expected[name].shape)}"
+                    )
+                state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    missing = sorted(set(expected) - set(state))
+    if missing or unexpected:
+        raise ModelError(
+            f"{path}: not a {layout} checkpoint in the expected layout; "
+            f"missing {len(missing)} tensors {missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}"
+        )
+    return state
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:

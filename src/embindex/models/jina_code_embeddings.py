@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .base import (
+    load_checked_state,
     read_config,
     read_json,
     safetensors_files,
@@ -178,33 +179,12 @@ def load_qwen2_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Read safetensors weights into Qwen2Model keys (a leading `model.` stripped, `lm_head.*` dropped),
     checking names and shapes against `expected`."""
-    from safetensors import safe_open
 
-    state: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
-    for file in safetensors_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                name = key[len("model.") :] if key.startswith("model.") else key
-                if name.startswith("lm_head."):
-                    continue
-                if name not in expected:
-                    unexpected.append(key)
-                    continue
-                t = f.get_tensor(key)
-                if tuple(t.shape) != tuple(expected[name].shape):
-                    raise ModelError(
-                        f"{path}: tensor {key} has shape {tuple(t.shape)}, config.json implies "
-                        f"{tuple(expected[name].shape)}"
-                    )
-                state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-    missing = sorted(set(expected) - set(state))
-    if missing or unexpected:
-        raise ModelError(
-            f"{path}: not a Qwen2 checkpoint in the expected layout; "
-            f"missing {len(missing)} tensors {missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}"
-        )
-    return state
+    def rename(key: str) -> str | None:
+        name = key[len("model.") :] if key.startswith("model.") else key
+        return None if name.startswith("lm_head.") else name
+
+    return load_checked_state(path, expected, rename, dtype, device, "Qwen2")
 
 
 class JinaCodeEmbeddingsFamily(ModelFamily):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import (
+    load_checked_state,
     read_config,
     read_json,
     safetensors_files,
@@ -266,38 +267,19 @@ def load_jina_bert_state_dict(
     path: str, expected: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """Read safetensors weights into JinaBertModel keys (optional `bert.` prefix), checking names and shapes."""
-    from safetensors import safe_open
 
-    state: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
-    for file in safetensors_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                name = key[len("bert.") :] if key.startswith("bert.") else key
-                if name.startswith(_IGNORED_PREFIXES):
-                    continue
-                if ".mlp.up_gated_layer." in name or ".attention.self.layer_norm_q." in name:
-                    raise ModelError(
-                        f"{path}: {key} belongs to the jina-embeddings-v2-base-code layout "
-                        "(qk-LayerNorm, pre-MLP norm), which this family does not implement"
-                    )
-                if name not in expected:
-                    unexpected.append(key)
-                    continue
-                t = f.get_tensor(key)
-                if tuple(t.shape) != tuple(expected[name].shape):
-                    raise ModelError(
-                        f"{path}: tensor {key} has shape {tuple(t.shape)}, config.json implies "
-                        f"{tuple(expected[name].shape)}"
-                    )
-                state[name] = t.to(device=device, dtype=dtype)
-    missing = sorted(set(expected) - set(state))
-    if missing or unexpected:
-        raise ModelError(
-            f"{path}: not a JinaBERT checkpoint in the expected layout; "
-            f"missing {len(missing)} tensors {missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}"
-        )
-    return state
+    def rename(key: str) -> str | None:
+        name = key[len("bert.") :] if key.startswith("bert.") else key
+        if name.startswith(_IGNORED_PREFIXES):
+            return None
+        if ".mlp.up_gated_layer." in name or ".attention.self.layer_norm_q." in name:
+            raise ModelError(
+                f"{path}: {key} belongs to the jina-embeddings-v2-base-code layout "
+                "(qk-LayerNorm, pre-MLP norm), which this family does not implement"
+            )
+        return name
+
+    return load_checked_state(path, expected, rename, dtype, device, "JinaBERT")
 
 
 # --------------------------------------------------------------------------------------------------------
