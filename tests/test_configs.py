@@ -23,6 +23,8 @@ REAL_MODELS = {
     "jina-code-embeddings": (896, {64, 128, 256, 512, 896}),  # -0.5b
     "jina-embeddings-v2": (768, None),  # -base-en
     "jina-colbert-v2": (128, None),
+    "jina-clip-v2": (1024, {32, 64, 128, 256, 512, 768, 1024}),
+    "jina-embeddings-v4": (2048, {128, 256, 512, 1024, 2048}),
 }
 
 # a local checkpoint of each family to construct it with the config's task / pooling / dtype
@@ -31,6 +33,8 @@ LOCAL_CHECKPOINTS = {
     "jina-embeddings-v3": str(FIXTURES / "jina-embeddings-v3-tiny"),
     "jina-code-embeddings": str(FIXTURES / "jina-code-embeddings-tiny"),
     "jina-colbert-v2": str(FIXTURES / "jina-colbert-v2-tiny"),
+    "jina-clip-v2": str(FIXTURES / "jina-clip-v2-tiny"),
+    "jina-embeddings-v4": str(FIXTURES / "jina-embeddings-v4-tiny"),
 }
 
 

@@ -94,19 +94,27 @@ def _log(msg: str) -> None:
 @app.command()
 def search(
     index: str = typer.Argument(..., help="index URI (local path or s3://...)"),
-    query: List[str] = typer.Argument(..., help="query text (several allowed)"),
+    query: Optional[List[str]] = typer.Argument(None, help="query text (several allowed)"),
+    image: Optional[List[str]] = typer.Option(None, "--image", help="query image file (repeatable)"),
     k: int = typer.Option(10, "-k", help="hits per query"),
     tier: Optional[int] = typer.Option(None, "--tier", help="ANN tier width (default: narrowest)"),
+    modality: Optional[str] = typer.Option(None, "--modality", help="only 'text' or only 'image' hits"),
     version: Optional[str] = typer.Option(None, "--version", help="a version other than _latest"),
     as_json: bool = typer.Option(False, "--json", help="JSON lines output"),
 ) -> None:
-    """Search an index with one or more text queries."""
+    """Search an index with text queries and/or query images (multimodal models)."""
     _setup_env()
     from .search import open_index
 
+    if not query and not image:
+        _fail("give at least one query text or --image")
+        return
     try:
         reader = open_index(index, version=version)
-        results = reader.search(query, k=k, tier=tier)
+        results = reader.search(query, k=k, tier=tier, modality=modality) if query else []
+        if image:
+            results += reader.search_images(image, k=k, tier=tier, modality=modality)
+        query = (query or []) + [f"image:{p}" for p in image or []]
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
         return
@@ -117,7 +125,8 @@ def search(
         typer.echo(f"query: {q}")
         for rank, h in enumerate(hits, 1):
             chunk = f" chars {h.chunk['start']}-{h.chunk['end']}" if h.chunk else ""
-            typer.echo(f"{rank:3d}. {h.score:.4f}  {h.id}{chunk}")
+            kind = f" [{h.modality}]" if h.modality == "image" else ""
+            typer.echo(f"{rank:3d}. {h.score:.4f}  {h.id}{chunk}{kind}")
 
 
 @app.command()

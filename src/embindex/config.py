@@ -20,15 +20,21 @@ class SourceConfig(_Section):
     """Where the corpus is and how its rows map to documents."""
 
     uri: str
-    format: Literal["auto", "parquet", "jsonl", "text"] = "auto"
+    format: Literal["auto", "parquet", "jsonl", "text", "images", "mixed"] = "auto"
     id_column: str = "id"
     text_column: str = "text"
+    image_column: str | None = Field(
+        "image", description="Parquet/JSONL column with image bytes, a {bytes, path} struct or a path/URI "
+        "(relative paths resolve against the source root); a row with an image is embedded as an image")
     metadata_columns: list[str] | None = None  # None: every other column
     max_text_bytes: int = Field(1_000_000, gt=0)
+    max_image_bytes: int = Field(32_000_000, gt=0, description="larger encoded images are rejected")
+    max_image_pixels: int = Field(64_000_000, gt=0, description="larger decoded images are rejected")
     text_extensions: list[str] = [".txt", ".md", ".rst"]
+    image_extensions: list[str] = [".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"]
     storage: dict[str, Any] = Field(default_factory=dict)
     fragment_rows: int = Field(10_000, gt=0, description="Parquet rows per fragment (unit of work and resume)")
-    fragment_files: int = Field(256, gt=0, description="text files per fragment")
+    fragment_files: int = Field(256, gt=0, description="text or image files per fragment")
 
     def storage_options(self) -> StorageOptions:
         return StorageOptions.from_dict(self.storage)

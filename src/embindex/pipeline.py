@@ -166,7 +166,7 @@ class Job:
             model=ModelEntry(
                 name=cfg.model.name, path=cfg.model.path, checkpoint_hash=self.checkpoint_hash, task=cfg.model.task,
                 query_task=self.query_task, max_length=info.max_length, pooling=info.pooling,
-                dtype=cfg.model.dtype, prefixes=info.prefixes,
+                dtype=cfg.model.dtype, prefixes=info.prefixes, modalities=info.modalities,
             ),
             outputs=outputs_entry(cfg, info, self.window, tokens, token_index),
             dim=info.dim,
@@ -233,7 +233,7 @@ def build(
         tier_entries, quality = build_tiers(job.store, paths, job.info.dim, job.tier_dims, cfg.index, job.run_id)
         token_index = None
         if cfg.outputs.multivector is not None and cfg.outputs.multivector.candidates == "tokens":
-            token_index = build_token_index(job.store, paths, job.info.dim, job.run_id)
+            token_index = build_token_index(job.store, paths, job.info.token_dim or job.info.dim, job.run_id)
         job.timings["tiers_s"] = round(time.perf_counter() - t, 3)
 
     total = len([f for f in job.corpus.fragments if wanted(f)])
@@ -259,7 +259,8 @@ def _embed_fragments(job: Job, todo: list[Any], steps: list[tuple[Callable, dict
         ds = ds.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
     ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"model_json": model_json, "outputs_json": outputs_json, "role": cfg.model.role,
-                                   "task": cfg.model.task, "max_length": info.max_length})
+                                   "task": cfg.model.task, "max_length": info.max_length,
+                                   "max_image_pixels": cfg.source.max_image_pixels})
     reporter = ProgressReporter(rows_in, job.log, every=cfg.run.progress_seconds)
     ds = ds.map_batches(
         EmbedActor,
@@ -335,10 +336,10 @@ def _row_keys(table: pa.Table) -> list[tuple[str, int | None]]:
 def check_outputs(cfg: JobConfig, info: Any) -> None:
     """Fail before any worker starts when the model cannot produce the configured outputs."""
     mode = cfg.outputs.mode
-    multi = bool(info.extra.get("multi_vector"))
+    multi = bool(info.extra.get("multi_vector"))  # multi-vector only (ColBERT)
     if multi and mode != "multivector":
         raise ValueError(f"model family {info.family!r} is multi-vector: set outputs.multivector")
-    if mode == "multivector" and not multi:
+    if mode == "multivector" and not (multi or info.extra.get("multi_vector_capable")):
         raise ValueError(f"model family {info.family!r} has no multi-vector output")
     if mode == "late" and info.pooling != "mean":
         raise ValueError(f"late chunking needs a mean-pooling model; {info.family!r} pools with {info.pooling!r}")
@@ -354,8 +355,9 @@ def outputs_entry(cfg: JobConfig, info: Any, window: int, tokens: int,
     if cfg.outputs.late_chunking is not None:
         entry["late_chunking"].update(window=window, window_overlap=window_overlap(cfg, window))
     if cfg.outputs.multivector is not None:
+        dim = info.token_dim or info.dim
         entry["multivector"].update(
-            dim=info.dim, codec="float16", column="token_vectors", tokens=tokens, bytes_per_token=2 * info.dim,
+            dim=dim, codec="float16", column="token_vectors", tokens=tokens, bytes_per_token=2 * dim,
             score="maxsim",
         )
         if token_index is not None:

@@ -23,11 +23,12 @@ import pyarrow.compute as pc
 from ..checkpoints import model_spec
 from ..config import ModelConfig, OutputsConfig
 from ..models import load_family
-from ..models.base import Role, TextTokenizer
-from ..models.embedder import Embedder, l2_normalize
+from ..models.base import ImageProcessor, ModelFamily, Role, TextTokenizer
+from ..models.embedder import Embedder
 from ..models.late_chunking import late_chunk, pool_spans
 from ..text.batching import pad_batch, token_budget_batches
 from ..text.chunking import ChunkSpec, chunk_spans, token_spans
+from .image_inputs import PIXEL_COLUMNS, pixels_of, prepare_image_rows
 
 VECTOR_COLUMN = "vector"
 TOKEN_VECTORS_COLUMN = "token_vectors"
@@ -35,9 +36,25 @@ CHUNK_COLUMNS = ("chunk", "start", "end")
 
 
 @lru_cache(maxsize=4)
+def _family(model_json: str) -> ModelFamily:
+    return load_family(model_spec(ModelConfig.model_validate_json(model_json)))
+
+
+@lru_cache(maxsize=4)
 def _tokenizer(model_json: str) -> TextTokenizer:
-    cfg = ModelConfig.model_validate_json(model_json)
-    return load_family(model_spec(cfg)).load_tokenizer()
+    return _family(model_json).load_tokenizer()
+
+
+@lru_cache(maxsize=4)
+def _image_processor(model_json: str) -> ImageProcessor | None:
+    family = _family(model_json)
+    return family.load_image_processor() if "image" in family.info().modalities else None
+
+
+def _text_rows(batch: pa.Table) -> list[bool]:
+    """Rows whose text is embedded: documents (not rejects) that are not images."""
+    ok = pc.and_(pc.is_null(batch.column("reject")), pc.equal(batch.column("modality"), "text"))
+    return pc.fill_null(ok, False).to_pylist()
 
 
 def _list_array(arrays: list[np.ndarray]) -> pa.ListArray:
@@ -67,10 +84,9 @@ def _with_chunk_columns(batch: pa.Table, chunk=None, start=None, end=None) -> pa
 def _explode_chunks(batch: pa.Table, tok: TextTokenizer, spec: ChunkSpec, role: Role, task: str | None) -> pa.Table:
     """Naive chunking: one row per chunk, its text the chunk's characters; rejects stay one row."""
     texts = batch.column("text").to_pylist()
-    rejected = batch.column("reject").to_pylist()
     take, chunk, start, end, chunk_texts = [], [], [], [], []
-    for i, (text, rej) in enumerate(zip(texts, rejected)):
-        if rej is not None:
+    for i, (text, is_text) in enumerate(zip(texts, _text_rows(batch))):
+        if not is_text:  # rejects and images stay one row
             take.append(i), chunk.append(None), start.append(None), end.append(None), chunk_texts.append(None)
             continue
         offsets = tok.encode_with_offsets(text, role, task, truncate=False).offsets if spec.chunker == "tokens" \
@@ -83,10 +99,12 @@ def _explode_chunks(batch: pa.Table, tok: TextTokenizer, spec: ChunkSpec, role: 
 
 
 def tokenize_batch(batch: pa.Table, model_json: str, outputs_json: str, role: Role, task: str | None,
-                   max_length: int) -> pa.Table:
-    """Add `input_ids` (list<int32>) to documents (rejects get an empty list) and chunk columns.
+                   max_length: int, max_image_pixels: int = 64_000_000) -> pa.Table:
+    """Add `input_ids` (list<int32>) to text documents (rejects and images get an empty list), chunk
+    columns, and the prepared pixels of image rows (`image_inputs.prepare_image_rows`).
     Late chunking also adds `chunk_chars` / `chunk_tokens` (flattened [start, end] pairs)."""
     tok = _tokenizer(model_json)
+    batch = prepare_image_rows(batch, _image_processor(model_json), _family(model_json).name, max_image_pixels)
     outputs = OutputsConfig.model_validate_json(outputs_json)
     mode = outputs.mode
     if mode == "naive":
@@ -94,7 +112,7 @@ def tokenize_batch(batch: pa.Table, model_json: str, outputs_json: str, role: Ro
     elif mode != "late":
         batch = _with_chunk_columns(batch)
     texts = batch.column("text").to_pylist()
-    todo = [i for i, r in enumerate(batch.column("reject").to_pylist()) if r is None]
+    todo = [i for i, ok in enumerate(_text_rows(batch)) if ok]
     empty = np.zeros(0, dtype=np.int32)
     ids: list[np.ndarray] = [empty] * batch.num_rows
     if mode != "late":
@@ -168,23 +186,31 @@ class EmbedActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
         rejected = pc.is_valid(batch.column("reject")).to_numpy(zero_copy_only=False)
-        todo = np.flatnonzero(~rejected)
+        is_image = pc.fill_null(pc.is_valid(batch.column("pixels")), False).to_numpy(zero_copy_only=False) \
+            & ~rejected
+        texts, images = np.flatnonzero(~rejected & ~is_image), np.flatnonzero(is_image)
         if self.mode == "late":
-            out = self._late(batch, todo)
+            out = self._late(batch, texts, images)
         elif self.mode == "multivector":
-            out = self._multivector(batch, todo, rejected)
+            out = self._multivector(batch, texts, images, rejected)
         else:
             vectors = np.zeros((batch.num_rows, self.dim), dtype=np.float32)
-            if todo.size:
-                vectors[todo] = self.embedder.embed_ids(_lists_of(batch.column("input_ids"), todo), self.task,
-                                                        on_batch=self._report)
-            out = batch.drop_columns(["input_ids"]).append_column(VECTOR_COLUMN, vectors_to_arrow(vectors, ~rejected))
+            if texts.size:
+                vectors[texts] = self.embedder.embed_ids(_lists_of(batch.column("input_ids"), texts), self.task,
+                                                         on_batch=self._report)
+            if images.size:
+                vectors[images] = self._images(batch, images)[0]
+            out = _drop_inputs(batch).append_column(VECTOR_COLUMN, vectors_to_arrow(vectors, ~rejected))
         self.busy_s += time.perf_counter() - start
-        self.rows += int(todo.size)
+        self.rows += int(texts.size + images.size)
         if self.mode not in ("document", "naive"):  # other modes report once per fragment
-            self._report(int(todo.size))
+            self._report(int(texts.size + images.size))
         self._flush()
         return out
+
+    def _images(self, batch: pa.Table, rows: np.ndarray, tokens: bool = False):
+        report = self._report if self.mode in ("document", "naive") else None
+        return self.embedder.embed_images(pixels_of(batch, rows), self.task, tokens=tokens, on_batch=report)
 
     def _report(self, rows: int) -> None:
         """Progress to the driver, at most every ~2 s (one tiny remote call)."""
@@ -198,7 +224,8 @@ class EmbedActor:
         self._pending, self._last_report = 0, time.perf_counter()
 
     # -- late chunking -------------------------------------------------------------------------
-    def _late(self, batch: pa.Table, todo: np.ndarray) -> pa.Table:
+    def _late(self, batch: pa.Table, todo: np.ndarray, images: np.ndarray) -> pa.Table:
+        """Text documents: one vector per chunk span; images: one vector, no chunk."""
         import torch
 
         ids = _lists_of(batch.column("input_ids"), np.arange(batch.num_rows))
@@ -218,16 +245,17 @@ class EmbedActor:
                                                                 torch.from_numpy(mask), self.task).float()
             for b, r in enumerate(rows):
                 per_doc[r] = pool_spans(states[b], [tuple(s) for s in toks[r].reshape(-1, 2)])
+        whole = dict(zip(images.tolist(), self._images(batch, images)[0])) if images.size else {}
         take, chunk, start, end, vecs = [], [], [], [], []
         for i in range(batch.num_rows):
-            if i not in per_doc:  # a reject: one row, no vector
+            if i not in per_doc:  # a reject (no vector) or an image (one vector): one row, no chunk
                 take.append(i), chunk.append(None), start.append(None), end.append(None)
-                vecs.append(None)
+                vecs.append(whole.get(i))
                 continue
             spans = chars[i].reshape(-1, 2)
             for k, ((s, e), v) in enumerate(zip(spans, per_doc[i])):
                 take.append(i), chunk.append(k), start.append(int(s)), end.append(int(e)), vecs.append(v)
-        out = batch.take(pa.array(take, pa.int64())).drop_columns(["input_ids", "chunk_chars", "chunk_tokens"])
+        out = _drop_inputs(batch.take(pa.array(take, pa.int64())))
         out = _with_chunk_columns(out, chunk, start, end)
         valid = np.array([v is not None for v in vecs], dtype=bool)
         matrix = np.zeros((len(vecs), self.dim), dtype=np.float32)
@@ -236,16 +264,24 @@ class EmbedActor:
         return out.append_column(VECTOR_COLUMN, vectors_to_arrow(matrix, valid))
 
     # -- multi-vector --------------------------------------------------------------------------
-    def _multivector(self, batch: pa.Table, todo: np.ndarray, rejected: np.ndarray) -> pa.Table:
-        ids = _lists_of(batch.column("input_ids"), todo)
-        token_vecs = self.embedder.embed_tokens(ids, self.task)
-        dim = self.dim
+    def _multivector(self, batch: pa.Table, texts: np.ndarray, images: np.ndarray, rejected: np.ndarray) -> pa.Table:
+        single = np.zeros((batch.num_rows, self.dim), dtype=np.float32)
         per_row: list[np.ndarray | None] = [None] * batch.num_rows
-        pooled = np.zeros((batch.num_rows, dim), dtype=np.float32)
-        for i, v in zip(todo, token_vecs):
-            per_row[i] = v
-            if len(v):
-                pooled[i] = v.mean(0)
-        pooled = l2_normalize(pooled)
-        out = batch.drop_columns(["input_ids"]).append_column(VECTOR_COLUMN, vectors_to_arrow(pooled, ~rejected))
-        return out.append_column(TOKEN_VECTORS_COLUMN, token_vectors_to_arrow(per_row, dim))
+        if texts.size:
+            vecs, toks = self.embedder.embed_multi(_lists_of(batch.column("input_ids"), texts), self.task)
+            single[texts] = vecs
+            for i, t in zip(texts, toks):
+                per_row[i] = t
+        if images.size:
+            vecs, toks = self._images(batch, images, tokens=True)
+            single[images] = vecs
+            for i, t in zip(images, toks or []):
+                per_row[i] = t
+        out = _drop_inputs(batch).append_column(VECTOR_COLUMN, vectors_to_arrow(single, ~rejected))
+        return out.append_column(TOKEN_VECTORS_COLUMN, token_vectors_to_arrow(per_row, self.embedder.token_dim))
+
+
+def _drop_inputs(batch: pa.Table) -> pa.Table:
+    """The row without its model inputs (token ids, chunk spans, prepared pixels)."""
+    inputs = {"input_ids", "chunk_chars", "chunk_tokens", *PIXEL_COLUMNS}
+    return batch.drop_columns([c for c in batch.column_names if c in inputs])

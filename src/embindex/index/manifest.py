@@ -50,6 +50,7 @@ class ModelEntry(_M):
     pooling: str
     dtype: str
     prefixes: dict[str, str] = Field(default_factory=dict)
+    modalities: list[str] = Field(default_factory=lambda: ["text"])
 
 
 class Counts(_M):

@@ -1,7 +1,7 @@
 """Parquet shards: the write step of the pipeline and reading shards back.
 
-A shard holds documents or chunks (id, chunk, start, end, content_hash, meta, source, vector as
-fixed_size_list<float16>[dim], and token_vectors as list<fixed_size_list<float16>[d]> for multi-vector);
+A shard holds documents or chunks (id, chunk, start, end, content_hash, meta, source, modality (text |
+image), vector as fixed_size_list<float16>[dim], and token_vectors as list<fixed_size_list<float16>[d]> for multi-vector);
 a rejects file holds rows that were not indexed, with their reason. Each write is one whole-object
 PUT (or temp file + rename), named by a digest of its ids, and returns a record for the manifest.
 """
@@ -21,7 +21,7 @@ from ..storage import Storage, StorageOptions, with_retries
 from . import layout
 
 DOC_COLUMNS = ["id", "chunk", "start", "end", "content_hash", "meta", "source", "vector"]
-OPTIONAL_DOC_COLUMNS = ["token_vectors"]
+OPTIONAL_DOC_COLUMNS = ["modality", "token_vectors"]
 REJECT_COLUMNS = ["id", "reject", "reject_detail", "source", "line"]
 
 SHARD_RECORD_SCHEMA = pa.schema(

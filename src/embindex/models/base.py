@@ -45,6 +45,8 @@ class ModelInfo:
     matryoshka_dims: list[int] | None = None
     prefixes: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    modalities: list[str] = field(default_factory=lambda: ["text"])  # "text", "image"
+    token_dim: int | None = None  # width of multi-vector token vectors when it differs from `dim`
 
 
 class ModelError(ValueError):
@@ -95,8 +97,23 @@ class TextTokenizer(ABC):
         raise NotImplementedError(f"{type(self).__name__} gives no token offsets (no late chunking)")
 
 
+class ImageProcessor(ABC):
+    """CPU side of image inputs (runs in Ray CPU tasks): a decoded RGB PIL image -> the uint8 pixels
+    the model sees (resized / cropped, not yet normalized). Normalization and patching happen in the
+    encoder, so blocks carry 1 byte per pixel instead of 4."""
+
+    @abstractmethod
+    def __call__(self, image: Any) -> np.ndarray:
+        """PIL.Image (any mode) -> [H, W, 3] uint8 RGB array."""
+
+    @abstractmethod
+    def sequence_length(self, height: int, width: int) -> int:
+        """Tokens the encoder runs for prepared pixels of this size (for token-budget batches)."""
+
+
 class TextEncoder(ABC):
-    """A torch model that maps padded token ids to one pooled fp32 vector per row."""
+    """A torch model that maps padded token ids to one pooled fp32 vector per row (and, for
+    multimodal families, prepared images to vectors)."""
 
     device: torch.device
     dtype: torch.dtype
@@ -123,6 +140,22 @@ class TextEncoder(ABC):
         skiplist are dropped). Single-vector families raise."""
         raise NotImplementedError(f"{type(self).__name__} has no multi-vector output")
 
+    def forward_multi(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Multi-vector families: (single vector [B, D] fp32 not normalized, or None when the single
+        vector is the mean of the token vectors; token vectors; keep mask) from one forward."""
+        vecs, keep = self.forward_tokens(input_ids, attention_mask, task)
+        return None, vecs, keep
+
+    def forward_images(
+        self, pixels: Sequence[np.ndarray], task: str | None = None, tokens: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Image families: [H_i, W_i, 3] uint8 arrays from the family's ImageProcessor ->
+        ([B, D] fp32 single vectors, not normalized; with `tokens=True` also per image the
+        [n_i, d] unit multi-vector token vectors, else None)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no images")
+
 
 class ModelFamily(ABC):
     """A registered family: validates a checkpoint directory and builds its tokenizer and encoder."""
@@ -142,6 +175,10 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def load_encoder(self, device: str | torch.device | None = None) -> TextEncoder: ...
+
+    def load_image_processor(self) -> ImageProcessor:
+        """Image families override; text-only families refuse images."""
+        raise ModelError(f"model family {self.name!r} embeds text only; it takes no images")
 
     def check_task(self, task: str | None) -> None:
         tasks = self.info().tasks

@@ -6,13 +6,13 @@ caller shares one code path for padding, pooling and normalization.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from ..text.batching import pad_batch, token_budget_batches
-from .base import ModelFamily, ModelInfo, Role, TextEncoder, TextTokenizer
+from .base import ImageProcessor, ModelFamily, ModelInfo, Role, TextEncoder, TextTokenizer
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -37,6 +37,7 @@ class Embedder:
         self.encoder = encoder or family.load_encoder(device)
         self.batch_tokens = batch_tokens
         self.padding_side = getattr(self.tokenizer, "padding_side", "right")
+        self._image_processor: ImageProcessor | None = None
 
     def tokenize(self, texts: Sequence[str], role: Role, task: str | None = None) -> list[np.ndarray]:
         return self.tokenizer(texts, role, task)
@@ -57,16 +58,74 @@ class Embedder:
     def encode(self, texts: Sequence[str], role: Role = "document", task: str | None = None) -> np.ndarray:
         return self.embed_ids(self.tokenize(texts, role, task), task)
 
-    def embed_tokens(self, ids: Sequence[np.ndarray], task: str | None = None) -> list[np.ndarray]:
-        """Multi-vector families: token ids -> per row the kept [n_i, d] unit token vectors, in input order."""
-        out: list[np.ndarray] = [np.zeros((0, self.info.dim), np.float32)] * len(ids)
+    @property
+    def token_dim(self) -> int:
+        return self.info.token_dim or self.info.dim
+
+    def embed_multi(self, ids: Sequence[np.ndarray], task: str | None = None,
+                    on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Multi-vector families: token ids -> ([N, dim] unit single vectors, per row the kept [n_i, d]
+        unit token vectors), in input order. The single vector is the model's own (e.g. v4's mean-pooled
+        hidden state) or, where it has none, the normalized mean of the token vectors."""
+        single = np.zeros((len(ids), self.info.dim), np.float32)
+        out: list[np.ndarray] = [np.zeros((0, self.token_dim), np.float32)] * len(ids)
         for idx in token_budget_batches([len(x) for x in ids], self.batch_tokens):
             input_ids, mask = pad_batch([ids[i] for i in idx], self.tokenizer.pad_token_id, self.padding_side)
-            vecs, keep = self.encoder.forward_tokens(torch.from_numpy(input_ids), torch.from_numpy(mask), task)
+            pooled, vecs, keep = self.encoder.forward_multi(torch.from_numpy(input_ids), torch.from_numpy(mask), task)
             vecs, keep = vecs.float().cpu().numpy(), keep.cpu().numpy()
             for b, i in enumerate(idx):
                 out[i] = vecs[b][keep[b]]
-        return out
+                single[i] = out[i].mean(0) if pooled is None and len(out[i]) else single[i]
+            if pooled is not None:
+                single[idx] = pooled.float().cpu().numpy()
+            if on_batch is not None:
+                on_batch(len(idx))
+        return l2_normalize(single), out
+
+    def embed_tokens(self, ids: Sequence[np.ndarray], task: str | None = None) -> list[np.ndarray]:
+        """Multi-vector families: token ids -> per row the kept [n_i, d] unit token vectors, in input order."""
+        return self.embed_multi(ids, task)[1]
 
     def encode_tokens(self, texts: Sequence[str], role: Role = "document", task: str | None = None) -> list[np.ndarray]:
         return self.embed_tokens(self.tokenize(texts, role, task), task)
+
+    def encode_multi(self, texts: Sequence[str], role: Role = "document",
+                     task: str | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        return self.embed_multi(self.tokenize(texts, role, task), task)
+
+    # -- images ----------------------------------------------------------------------------------
+    @property
+    def image_processor(self) -> ImageProcessor:
+        if self._image_processor is None:
+            self._image_processor = self.family.load_image_processor()
+        return self._image_processor
+
+    def embed_images(self, pixels: Sequence[np.ndarray], task: str | None = None, tokens: bool = False,
+                     on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """Prepared [H, W, 3] uint8 images -> ([N, dim] unit vectors, per image [n_i, d] token vectors
+        when `tokens`), batched by the encoder's sequence length per image within the token budget."""
+        single = np.zeros((len(pixels), self.info.dim), np.float32)
+        per_image: list[np.ndarray] | None = [np.zeros((0, self.token_dim), np.float32)] * len(pixels) \
+            if tokens else None
+        lengths = [self.image_processor.sequence_length(p.shape[0], p.shape[1]) for p in pixels]
+        for idx in token_budget_batches(lengths, self.batch_tokens):
+            pooled, toks = self.encoder.forward_images([pixels[i] for i in idx], task, tokens=tokens)
+            single[idx] = pooled.float().cpu().numpy()
+            if per_image is not None and toks is not None:
+                for i, t in zip(idx, toks):
+                    per_image[i] = t.float().cpu().numpy()
+            if on_batch is not None:
+                on_batch(len(idx))
+        return l2_normalize(single), per_image
+
+    def prepare_images(self, images: Sequence[Any]) -> list[np.ndarray]:
+        """PIL images, encoded bytes or local paths -> the model's prepared uint8 pixels."""
+        from ..embed.image_inputs import open_image
+
+        return [self.image_processor(open_image(x)) for x in images]
+
+    def encode_images(self, images: Sequence[Any], task: str | None = None) -> np.ndarray:
+        return self.embed_images(self.prepare_images(images), task)[0]
+
+    def encode_image_tokens(self, images: Sequence[Any], task: str | None = None) -> list[np.ndarray]:
+        return self.embed_images(self.prepare_images(images), task, tokens=True)[1] or []

@@ -72,30 +72,36 @@ def parse_config(path: str) -> XLMRConfig:
     raw = read_json(os.path.join(path, "config.json"))
     if raw is None:
         raise ModelError(f"{path}: no config.json; not a Jina-XLM-RoBERTa checkpoint directory")
+    return config_from_dict(raw, f"{path}/config.json")
+
+
+def config_from_dict(raw: dict[str, Any], where: str) -> XLMRConfig:
+    """Validate the backbone fields of `raw` (a config.json, or a nested dict such as jina-clip-v2's
+    `text_config.hf_model_config_kwargs`); `where` names that dict in error messages."""
 
     def need(key: str) -> Any:
         if raw.get(key) is None:
-            raise ModelError(f"{path}/config.json: missing {key!r}")
+            raise ModelError(f"{where}: missing {key!r}")
         return raw[key]
 
     pos = raw.get("position_embedding_type", "rotary")
     if pos != "rotary":
         raise ModelError(
-            f"{path}/config.json: position_embedding_type {pos!r} is not supported by this family "
+            f"{where}: position_embedding_type {pos!r} is not supported by this family "
             "(it implements the rotary Jina-XLM-RoBERTa only)"
         )
     act = raw.get("hidden_act", "gelu")
     if act not in SUPPORTED_ACTS:
-        raise ModelError(f"{path}/config.json: hidden_act {act!r} not supported (expected one of {SUPPORTED_ACTS})")
+        raise ModelError(f"{where}: hidden_act {act!r} not supported (expected one of {SUPPORTED_ACTS})")
     if float(raw.get("rotary_emb_fraction", 1.0)) != 1.0:
-        raise ModelError(f"{path}/config.json: partial rotary (rotary_emb_fraction != 1) is not supported")
+        raise ModelError(f"{where}: partial rotary (rotary_emb_fraction != 1) is not supported")
     if raw.get("rotary_emb_interleaved"):
-        raise ModelError(f"{path}/config.json: interleaved rotary embeddings are not supported")
+        raise ModelError(f"{where}: interleaved rotary embeddings are not supported")
     if raw.get("rotary_emb_scale_base") is not None:
-        raise ModelError(f"{path}/config.json: rotary_emb_scale_base (xPos) is not supported")
+        raise ModelError(f"{where}: rotary_emb_scale_base (xPos) is not supported")
     if raw.get("rotary_emb_base") is None:
         raise ModelError(
-            f"{path}/config.json: missing 'rotary_emb_base'; the RoPE base differs between Jina checkpoints "
+            f"{where}: missing 'rotary_emb_base'; the RoPE base differs between Jina checkpoints "
             "(e.g. 20000.0 for jina-embeddings-v3), so it is not guessed"
         )
     try:
@@ -113,14 +119,14 @@ def parse_config(path: str) -> XLMRConfig:
             raw=raw,
         )
     except (TypeError, ValueError) as e:
-        raise ModelError(f"{path}/config.json: bad value ({e})") from None
+        raise ModelError(f"{where}: bad value ({e})") from None
     if cfg.hidden_size % cfg.num_attention_heads:
         raise ModelError(
-            f"{path}/config.json: hidden_size {cfg.hidden_size} is not a multiple of "
+            f"{where}: hidden_size {cfg.hidden_size} is not a multiple of "
             f"num_attention_heads {cfg.num_attention_heads}"
         )
     if cfg.head_dim % 2:
-        raise ModelError(f"{path}/config.json: head_dim {cfg.head_dim} must be even for rotary embeddings")
+        raise ModelError(f"{where}: head_dim {cfg.head_dim} must be even for rotary embeddings")
     return cfg
 
 
@@ -526,13 +532,18 @@ def build_backbone(
     cfg: XLMRConfig,
     device: torch.device,
     dtype: torch.dtype,
+    tensors: dict[str, torch.Tensor] | None = None,
     **kwargs: Any,
 ) -> tuple[JinaXLMRBackbone, dict[str, torch.Tensor]]:
     """Load the original Jina checkpoint at `path` into the native model on `device` in `dtype`.
 
-    `kwargs` go to `prepare_checkpoint`. Returns the backbone (eval mode, no grads) and the requested
-    `extra_keys` tensors on `device` in their checkpoint dtype (the caller picks their precision)."""
-    prep = prepare_checkpoint(path, cfg, load_safetensors(path), **kwargs)
+    `tensors`: the checkpoint's tensors already read (original Jina key names, e.g. with an outer
+    prefix stripped by the caller); None reads `path`'s safetensors. `kwargs` go to
+    `prepare_checkpoint`. Returns the backbone (eval mode, no grads) and the requested `extra_keys`
+    tensors on `device` in their checkpoint dtype (the caller picks their precision)."""
+    if tensors is None:
+        tensors = load_safetensors(path)
+    prep = prepare_checkpoint(path, cfg, tensors, **kwargs)
     model = prep.model
     state = {k: v.to(device=device, dtype=dtype) for k, v in prep.state.items()}
     try:

@@ -14,6 +14,8 @@ FAMILIES: dict[str, str] = {
     "jina-colbert-v2": "jina_colbert_v2:JinaColbertV2Family",
     "jina-code-embeddings": "jina_code_embeddings:JinaCodeEmbeddingsFamily",
     "jina-embeddings-v2": "jina_embeddings_v2:JinaEmbeddingsV2Family",
+    "jina-clip-v2": "jina_clip_v2:JinaClipV2Family",
+    "jina-embeddings-v4": "jina_embeddings_v4:JinaEmbeddingsV4Family",
 }
 
 

@@ -29,9 +29,11 @@ class Hit:
     score: float
     meta: dict[str, Any] = field(default_factory=dict)
     chunk: dict[str, Any] | None = None  # chunk index and char offsets, for chunked outputs
+    modality: str | None = None  # "text" | "image"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "score": self.score, "chunk": self.chunk, "meta": self.meta}
+        return {"id": self.id, "score": self.score, "chunk": self.chunk, "modality": self.modality,
+                "meta": self.meta}
 
 
 class IndexReader:
@@ -48,6 +50,7 @@ class IndexReader:
         self._tiers: dict[int, Any] = {}
         self._docs = None  # (ids, meta) of all rows in ordinal order
         self._chunks: list[dict | None] = []
+        self._modalities: np.ndarray | None = None
         self._token_vectors: list[np.ndarray] | None = None
         self._token_index = None
         self._tombstones: np.ndarray | None = None
@@ -80,14 +83,17 @@ class IndexReader:
         ids: list[str] = []
         metas: list[str | None] = []
         chunks: list[dict | None] = []
+        modalities: list[str | None] = []
         for shard in self.manifest.shards:
-            t = read_table(self.storage, shard.path, columns=["id", "meta", "chunk", "start", "end"])
+            t = read_table(self.storage, shard.path, columns=["id", "meta", "chunk", "start", "end", "modality"])
             ids.extend(t.column("id").to_pylist())
             metas.extend(t.column("meta").to_pylist())
+            modalities.extend(t.column("modality").to_pylist())
             chunks.extend(None if c is None else {"index": c, "start": s, "end": e} for c, s, e in
                           zip(*(t.column(n).to_pylist() for n in ("chunk", "start", "end"))))
         self._docs = (ids, metas)
         self._chunks = chunks
+        self._modalities = np.array(modalities, dtype=object)
 
     @property
     def vectors(self) -> np.ndarray:
@@ -116,28 +122,55 @@ class IndexReader:
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
         return self.embedder.encode(list(queries), role="query", task=self.manifest.model.query_task)
 
+    def encode_image_queries(self, images: Sequence[Any]) -> np.ndarray:
+        """Query images (PIL images, encoded bytes or local paths) -> unit vectors, with the query task."""
+        self._check_images()
+        return self.embedder.encode_images(list(images), task=self.manifest.model.query_task)
+
+    def _check_images(self) -> None:
+        if "image" not in self.manifest.model.modalities:
+            raise ValueError(f"index model {self.manifest.model.name!r} takes no images; query with text")
+
     def search(self, queries: Sequence[str] | str, k: int = 10, tier: int | None = None,
-               rescore: int | None = None) -> list[list[Hit]]:
-        """Hits per query. `tier`: width of the ANN tier (default the narrowest); `rescore`: shortlist
-        factor (default from the manifest's build config; 0 or 1 disables full-width rescoring).
-        Chunked indexes return documents scored by their best chunk; multi-vector indexes rank by MaxSim."""
+               rescore: int | None = None, modality: str | None = None) -> list[list[Hit]]:
+        """Hits per text query. `tier`: width of the ANN tier (default the narrowest); `rescore`: shortlist
+        factor (default from the manifest's build config; 0 or 1 disables full-width rescoring);
+        `modality`: only "text" or only "image" rows of a mixed index. Chunked indexes return documents
+        scored by their best chunk; multi-vector indexes rank by MaxSim."""
         if isinstance(queries, str):
             queries = [queries]
-        mode = self.manifest.outputs.get("mode", "document")
-        if mode == "multivector":
-            return self.search_multivector(queries, k=k, tier=tier, rescore=rescore)
-        vectors = self.encode_queries(queries)
-        if mode in ("late", "naive"):
-            return self._search_chunks(vectors, k, tier, rescore)
-        return self.search_vectors(vectors, k=k, tier=tier, rescore=rescore)
+        if self.manifest.outputs.get("mode", "document") == "multivector":
+            q = self.embedder.encode_multi(list(queries), role="query", task=self.manifest.model.query_task)
+            return self._search_multivector(*q, k=k, tier=tier, rescore=rescore, modality=modality)
+        return self._search_single(self.encode_queries(queries), k, tier, rescore, modality)
 
-    def _search_chunks(self, vectors: np.ndarray, k: int, tier: int | None, rescore: int | None) -> list[list[Hit]]:
+    def search_images(self, images: Sequence[Any] | Any, k: int = 10, tier: int | None = None,
+                      rescore: int | None = None, modality: str | None = None) -> list[list[Hit]]:
+        """Hits per query image (PIL image, encoded bytes or local path): image -> image search over an
+        image index, or image -> text over a text index of the same multimodal model."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        self._check_images()
+        if self.manifest.outputs.get("mode", "document") == "multivector":
+            pixels = self.embedder.prepare_images(images)
+            single, toks = self.embedder.embed_images(pixels, self.manifest.model.query_task, tokens=True)
+            return self._search_multivector(single, toks or [], k=k, tier=tier, rescore=rescore, modality=modality)
+        return self._search_single(self.encode_image_queries(images), k, tier, rescore, modality)
+
+    def _search_single(self, vectors: np.ndarray, k: int, tier: int | None, rescore: int | None,
+                       modality: str | None) -> list[list[Hit]]:
+        if self.manifest.outputs.get("mode", "document") in ("late", "naive"):
+            return self._search_chunks(vectors, k, tier, rescore, modality)
+        return self.search_vectors(vectors, k=k, tier=tier, rescore=rescore, modality=modality)
+
+    def _search_chunks(self, vectors: np.ndarray, k: int, tier: int | None, rescore: int | None,
+                       modality: str | None = None) -> list[list[Hit]]:
         """Document-level hits over chunk rows: widen the row shortlist until every query has k distinct
         documents (or every row was fetched), so one long document cannot crowd the others out."""
         total = self.manifest.counts.vectors
         fetch = k * CHUNKS_PER_HIT
         while True:
-            rows = self.search_vectors(vectors, k=min(fetch, total), tier=tier, rescore=rescore)
+            rows = self.search_vectors(vectors, k=min(fetch, total), tier=tier, rescore=rescore, modality=modality)
             docs = [best_chunk_per_document(r, k) for r in rows]
             if fetch >= total or all(len(d) >= k for d in docs):
                 return docs
@@ -161,7 +194,7 @@ class IndexReader:
         self.ids  # noqa: B018 - make sure ids/meta are loaded
         doc_ids, metas = self._docs
         return [Hit(id=doc_ids[i], score=float(s), meta=json.loads(metas[i]) if metas[i] else {},
-                    chunk=self._chunks[i]) for s, i in zip(scores, ordinals) if i >= 0]
+                    chunk=self._chunks[i], modality=self._modalities[i]) for s, i in zip(scores, ordinals) if i >= 0]
 
     @property
     def tombstones(self) -> np.ndarray:
@@ -170,42 +203,65 @@ class IndexReader:
             self._tombstones = read_tombstones(self.storage, self.manifest)
         return self._tombstones
 
+    @property
+    def stored_rows(self) -> int:
+        """Rows in the shards, tombstoned ones included (FAISS ids run over all of them)."""
+        return sum(s.rows for s in self.manifest.shards)
+
+    def hidden_rows(self, modality: str | None = None) -> np.ndarray:
+        """Sorted ordinals that searches skip: tombstoned rows, and rows of another modality."""
+        if modality is None:
+            return self.tombstones
+        if modality not in ("text", "image"):
+            raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
+        self.ids  # noqa: B018 - modalities load with the ids
+        other = np.flatnonzero(self._modalities != modality)
+        return np.union1d(self.tombstones, other).astype(np.int64)
+
     def search_vectors(self, query_vectors: np.ndarray, k: int = 10, tier: int | None = None,
-                       rescore: int | None = None) -> list[list[Hit]]:
-        if self.manifest.counts.vectors == 0:
+                       rescore: int | None = None, modality: str | None = None) -> list[list[Hit]]:
+        """Row hits for unit query vectors; the shortlist widens until k visible rows are found."""
+        total = self.stored_rows
+        if total == 0:
             return [[] for _ in range(len(query_vectors))]
-        dead = self.tombstones
-        fetch = k + min(int(dead.size), 10 * k)  # over-fetch, then drop tombstoned rows
-        scores, ids = self.search_rows(query_vectors, k=fetch, tier=tier, rescore=rescore)
-        out = []
-        for s, i in zip(scores, ids):
-            alive = ~tombstone_mask(i, dead)
-            out.append(self.hits(s[alive][:k], i[alive][:k]))
-        return out
+        hidden = self.hidden_rows(modality)
+        fetch = min(total, k + min(int(hidden.size), 10 * k))  # over-fetch, then drop hidden rows
+        while True:
+            scores, ids = self.search_rows(query_vectors, k=fetch, tier=tier, rescore=rescore)
+            visible = [~tombstone_mask(i, hidden) & (i >= 0) for i in ids]
+            if fetch >= total or all(int(v.sum()) >= k for v in visible):
+                return [self.hits(s[v][:k], i[v][:k]) for s, i, v in zip(scores, ids, visible)]
+            fetch = min(total, fetch * 4)
 
     def search_multivector(self, queries: Sequence[str], k: int = 10, tier: int | None = None,
-                           rescore: int | None = None, token_k: int | None = None) -> list[list[Hit]]:
+                           rescore: int | None = None, token_k: int | None = None,
+                           modality: str | None = None) -> list[list[Hit]]:
+        """Text queries against a multi-vector index (see `_search_multivector`)."""
+        q = self.embedder.encode_multi(list(queries), role="query", task=self.manifest.model.query_task)
+        return self._search_multivector(*q, k=k, tier=tier, rescore=rescore, token_k=token_k, modality=modality)
+
+    def _search_multivector(self, single: np.ndarray, q_tokens: list[np.ndarray], k: int = 10,
+                            tier: int | None = None, rescore: int | None = None, token_k: int | None = None,
+                            modality: str | None = None) -> list[list[Hit]]:
         """Candidates from the token index (`token_k` nearest stored tokens per query token; default from
-        the manifest) or the pooled-vector tier (k * rescore), ranked by MaxSim."""
+        the manifest) or the single-vector tier (k * rescore), ranked by MaxSim."""
         mv = self.manifest.outputs["multivector"]
-        q_tokens = self.embedder.encode_tokens(list(queries), role="query", task=self.manifest.model.query_task)
         stored = self.token_vectors()
         if rescore is None:
             rescore = int(self.manifest.config.get("index", {}).get("rescore", 10))
         token_k = token_k or int(mv.get("token_k", 64))
+        hidden = self.hidden_rows(modality)
         out = []
-        for q in q_tokens:
+        for s, q in zip(single, q_tokens):
             if mv.get("token_index"):
                 if self._token_index is None:
                     self._token_index = tiers.deserialize(self.storage.read_bytes(mv["token_index"]["file"]))
                 cand = token_candidates(self._token_index, q, token_k)
-                cand = cand[~tombstone_mask(cand, self.tombstones)]
             else:
-                pooled = q.mean(0, keepdims=True)
-                pooled /= max(float(np.linalg.norm(pooled)), 1e-12)
-                _, rows = self.search_rows(pooled, k=k * max(rescore, 1), tier=tier, rescore=1)
+                fetch = min(self.stored_rows, k * max(rescore, 1) + int(hidden.size))
+                _, rows = self.search_rows(s[None, :], k=fetch, tier=tier, rescore=1)
                 cand = rows[0][rows[0] >= 0]
-            cand = cand[~tombstone_mask(cand, self.tombstones)]
+            cand = cand[~tombstone_mask(cand, hidden)]
             scores = maxsim_scores(q, [stored[i] for i in cand])
             order = np.argsort(-scores, kind="stable")[:k]
             out.append(self.hits(scores[order], cand[order]))

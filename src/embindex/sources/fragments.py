@@ -1,7 +1,7 @@
 """Input fragments: the unit of work, of commit and of resume.
 
 A fragment is a deterministic slice of the corpus: a range of Parquet row groups, one JSONL file, or
-a group of text files. Its id hashes the format, the paths, the range and each file's size and
+a group of text and/or image files. Its id hashes the format, the paths, the range and each file's size and
 modification tag, so the same corpus gives the same fragments in every run. Each fragment flows
 through the pipeline as one Ray Data block and is written as one part file plus one rejects file,
 named by the fragment id, then committed by a marker written last.
@@ -20,13 +20,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..storage import with_retries
-from .normalize import RowRules, parse_jsonl, parse_text_file, to_table
+from .normalize import RowRules, parse_image_file, parse_jsonl, parse_text_file, to_table
 
 
 @dataclass(frozen=True)
 class Fragment:
     id: str
-    format: str  # parquet | jsonl | text
+    format: str  # parquet | jsonl | text | images | mixed
     paths: tuple[str, ...]  # filesystem paths (bucket/key on object stores)
     row_groups: tuple[int, ...] = ()  # parquet only
     rows: int | None = None  # rows known at planning time (parquet, text)
@@ -79,22 +79,22 @@ def plan_fragments(fs: pafs.FileSystem, files: list[str], fmt: str, fragment_row
     return frags
 
 
-def _parquet_rows(table: pa.Table, rules: RowRules, source: str) -> list[dict[str, Any]]:
+def _parquet_rows(table: pa.Table, rules: RowRules, source: str, first_row: int = 1) -> list[dict[str, Any]]:
+    """Normalized rows of a Parquet slice; `line` is the 1-based row number in the file."""
     from .normalize import Reasons, normalize_record, reject_row
 
     # Strings go through bytes so that invalid UTF-8 becomes a reject, not a crash in to_pylist().
-    cols = {}
+    cols, was_string = {}, set()
     for name in table.column_names:
         col = table.column(name)
-        if pa.types.is_string(col.type):
-            col = col.cast(pa.binary())
-        elif pa.types.is_large_string(col.type):
-            col = col.cast(pa.large_binary())
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            col = col.cast(pa.binary() if pa.types.is_string(col.type) else pa.large_binary())
+            was_string.add(name)
         cols[name] = col
     rows = []
-    for line, rec in enumerate(pa.table(cols).to_pylist(), start=1):
+    for line, rec in enumerate(pa.table(cols).to_pylist(), start=first_row):
         for name, value in rec.items():
-            if isinstance(value, bytes) and name not in (rules.text_column, rules.id_column):
+            if isinstance(value, bytes) and name in was_string and name not in (rules.text_column, rules.id_column):
                 rec[name] = value.decode("utf-8", errors="replace")
         rid = rec.get(rules.id_column)
         if isinstance(rid, bytes):
@@ -108,14 +108,56 @@ def _parquet_rows(table: pa.Table, rules: RowRules, source: str) -> list[dict[st
     return rows
 
 
-def _read_row_groups(fs: pafs.FileSystem, path: str, groups: list[int]) -> pa.Table:
+def _read_row_groups(fs: pafs.FileSystem, path: str, groups: list[int]) -> tuple[pa.Table, int]:
+    """The row groups' rows and the 1-based file row number of the first one."""
     with fs.open_input_file(path) as f:
-        return pq.ParquetFile(f).read_row_groups(groups)
+        pf = pq.ParquetFile(f)
+        first = 1 + sum(pf.metadata.row_group(g).num_rows for g in range(min(groups)))
+        return pf.read_row_groups(groups), first
 
 
 def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
     with fs.open_input_stream(path, compression=None) as f:  # bytes as stored; gzip is handled by the parser
         return f.read()
+
+
+def _image_ref_path(ref: str, fs: pafs.FileSystem, root: str) -> str:
+    """A row's image reference as a path on the source filesystem: URIs must live on the source's store,
+    relative paths resolve against the corpus root."""
+    if "://" in ref:
+        scheme, rest = ref.split("://", 1)
+        kind = {"s3a": "s3", "file": "local", "gs": "gcs"}.get(scheme, scheme)
+        if kind not in fs.type_name:
+            raise ValueError(f"image URI {ref!r} is not on the source's filesystem ({fs.type_name})")
+        return rest
+    if ref.startswith("/"):
+        return ref
+    return posixpath.normpath(posixpath.join(root, ref))
+
+
+def load_image_refs(rows: list[dict[str, Any]], fs: pafs.FileSystem, root: str, rules: RowRules) -> list[dict[str, Any]]:
+    """Read the bytes of image rows that hold a path (`image_ref`); unreadable ones become rejects."""
+    from .normalize import Reasons, reject_row, set_image_bytes
+
+    out = []
+    for row in rows:
+        ref = row.pop("image_ref", None)
+        if ref is not None:
+            try:
+                path = _image_ref_path(ref, fs, root)
+                info = fs.get_file_info(path)
+                if info.type != pafs.FileType.File:
+                    raise FileNotFoundError("no such file")
+                if info.size is not None and info.size > rules.max_image_bytes:
+                    row = reject_row(row["id"], Reasons.IMAGE_TOO_LARGE, f"image {ref!r} has {info.size} bytes > "
+                                     f"max_image_bytes {rules.max_image_bytes}", row["source"], row["line"])
+                else:
+                    row = set_image_bytes(row, with_retries(lambda: _read_bytes(fs, path), f"read {path}"), rules)
+            except (OSError, ValueError) as e:
+                row = reject_row(row["id"], Reasons.IMAGE_UNREADABLE, f"cannot read image {ref!r}: {e}",
+                                 row["source"], row["line"])
+        out.append(row)
+    return out
 
 
 def read_fragment(frag: Fragment, fs: pafs.FileSystem, rules: RowRules, root: str) -> pa.Table:
@@ -124,15 +166,19 @@ def read_fragment(frag: Fragment, fs: pafs.FileSystem, rules: RowRules, root: st
     if frag.format == "parquet":
         if frag.row_groups:
             path = frag.paths[0]
-            table = with_retries(lambda: _read_row_groups(fs, path, list(frag.row_groups)), f"read {path}")
-            rows = _parquet_rows(table, rules, path)
+            table, first = with_retries(lambda: _read_row_groups(fs, path, list(frag.row_groups)), f"read {path}")
+            rows = _parquet_rows(table, rules, path, first)
     else:
         for path in frag.paths:
             data = with_retries(lambda: _read_bytes(fs, path), f"read {path}")
             if frag.format == "jsonl":
                 rows.extend(parse_jsonl(data, path, rules))
+                continue
+            rel = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
+            if path.lower().endswith(rules.image_extensions):
+                rows.append(parse_image_file(data, path, rel, rules))
             else:
-                rel = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
                 rows.append(parse_text_file(data, path, rel, rules))
+    rows = load_image_refs(rows, fs, root, rules)
     out = to_table(rows)
     return out.append_column("fragment", pa.array([frag.id] * out.num_rows, pa.string()))

@@ -19,6 +19,8 @@ NORMALIZED_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string()),
         pa.field("text", pa.string()),
+        pa.field("image", pa.binary()),  # encoded image bytes (image rows), null for text rows
+        pa.field("modality", pa.string()),  # "text" | "image"; null for a reject
         pa.field("content_hash", pa.string()),
         pa.field("meta", pa.string()),  # JSON object of the row's other columns
         pa.field("source", pa.string()),  # file the row came from
@@ -44,6 +46,9 @@ class Reasons:
     INVALID_JSON = "invalid_json"
     NOT_AN_OBJECT = "not_an_object"
     UNREADABLE_FILE = "unreadable_file"
+    IMAGE_UNREADABLE = "image_unreadable"
+    IMAGE_TOO_LARGE = "image_too_large"
+    UNSUPPORTED_MODALITY = "unsupported_modality"
 
 
 @dataclass(frozen=True)
@@ -52,10 +57,14 @@ class RowRules:
     text_column: str = "text"
     metadata_columns: tuple[str, ...] | None = None
     max_text_bytes: int = 1_000_000
+    image_column: str | None = "image"
+    max_image_bytes: int = 32_000_000
+    image_extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
-def content_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+def content_hash(content: str | bytes) -> str:
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def _json_default(value: Any) -> Any:
@@ -68,8 +77,10 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def _meta_json(record: dict[str, Any], rules: RowRules) -> str | None:
-    skip = {rules.id_column, rules.text_column}
+def _meta_json(record: dict[str, Any], rules: RowRules, image_row: bool = False) -> str | None:
+    # an image row keeps its text column (e.g. a caption) as metadata
+    skip = {rules.id_column, rules.image_column} if image_row else {rules.id_column, rules.text_column,
+                                                                    rules.image_column}
     if rules.metadata_columns is None:
         meta = {k: v for k, v in record.items() if k not in skip}
     else:
@@ -82,6 +93,8 @@ def reject_row(id_value: Any, reason: str, detail: str, source: str | None, line
     return {
         "id": rid,
         "text": None,
+        "image": None,
+        "modality": None,
         "content_hash": None,
         "meta": None,
         "source": source,
@@ -102,9 +115,13 @@ def normalize_record(
         return reject_row(rid, Reasons.ID_NOT_STRING, f"id is {type(rid).__name__}, expected a string", source, line)
     if not rid.strip():
         return reject_row(rid, Reasons.EMPTY_ID, "id is empty", source, line)
+    image = record.get(rules.image_column) if rules.image_column else None
+    if image is not None:
+        return _image_record(rid, image, record, rules, source, line)
     text = record.get(rules.text_column)
     if text is None:
-        return reject_row(rid, Reasons.MISSING_TEXT, f"no value in column {rules.text_column!r}", source, line)
+        also = f" nor an image in {rules.image_column!r}" if rules.image_column else ""
+        return reject_row(rid, Reasons.MISSING_TEXT, f"no value in column {rules.text_column!r}{also}", source, line)
     if isinstance(text, (bytes, bytearray)):
         try:
             text = bytes(text).decode("utf-8")
@@ -127,6 +144,8 @@ def normalize_record(
     return {
         "id": rid,
         "text": text,
+        "image": None,
+        "modality": "text",
         "content_hash": content_hash(text),
         "meta": _meta_json(record, rules),
         "source": source,
@@ -134,6 +153,56 @@ def normalize_record(
         "reject": None,
         "reject_detail": None,
     }
+
+
+def _image_payload(value: Any) -> tuple[bytes | None, str | None]:
+    """(bytes, reference) from an image cell: bytes, a path/URI string, or a {bytes, path} struct."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value), None
+    if isinstance(value, str):
+        return None, value
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        if isinstance(data, (bytes, bytearray)) and data:
+            return bytes(data), None
+        if isinstance(path, str) and path:
+            return None, path
+    return None, None
+
+
+def _image_record(rid: str, image: Any, record: dict[str, Any], rules: RowRules, source: str | None,
+                  line: int | None) -> dict[str, Any]:
+    """An image row: its bytes, or `image_ref` (a path read by the fragment reader, `load_image_refs`)."""
+    data, ref = _image_payload(image)
+    if data is None and ref is None:
+        return reject_row(rid, Reasons.IMAGE_UNREADABLE, f"column {rules.image_column!r} holds "
+                          f"{type(image).__name__}; expected bytes, a path/URI or a {{bytes, path}} struct",
+                          source, line)
+    row = {"id": rid, "text": None, "image": None, "modality": "image", "content_hash": None,
+           "meta": _meta_json(record, rules, image_row=True), "source": source, "line": line,
+           "reject": None, "reject_detail": None}
+    if ref is not None:
+        row["image_ref"] = ref
+        return row
+    return set_image_bytes(row, data, rules)
+
+
+def set_image_bytes(row: dict[str, Any], data: bytes, rules: RowRules) -> dict[str, Any]:
+    """Attach encoded image bytes to an image row, or turn it into a reject when they are empty or too large."""
+    if not data:
+        return reject_row(row["id"], Reasons.IMAGE_UNREADABLE, "image is empty (0 bytes)", row["source"], row["line"])
+    if len(data) > rules.max_image_bytes:
+        return reject_row(row["id"], Reasons.IMAGE_TOO_LARGE, f"image has {len(data)} bytes > max_image_bytes "
+                          f"{rules.max_image_bytes}", row["source"], row["line"])
+    row.update(image=data, content_hash=content_hash(data))
+    return row
+
+
+def parse_image_file(data: bytes, path: str, doc_id: str, rules: RowRules) -> dict[str, Any]:
+    """One image row per image file; its id is the path relative to the corpus root."""
+    row = {"id": doc_id, "text": None, "image": None, "modality": "image", "content_hash": None, "meta": None,
+           "source": path, "line": None, "reject": None, "reject_detail": None}
+    return set_image_bytes(row, data, rules)
 
 
 def to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
@@ -201,6 +270,8 @@ def mark_duplicates(table: pa.Table, duplicate_ids: frozenset[str] | set[str]) -
         "reject": pc.if_else(hit, Reasons.DUPLICATE_ID, table.column("reject")),
         "reject_detail": pc.if_else(hit, detail, table.column("reject_detail")),
         "text": pc.if_else(hit, pa.scalar(None, pa.string()), table.column("text")),
+        "image": pc.if_else(hit, pa.scalar(None, pa.binary()), table.column("image")),
+        "modality": pc.if_else(hit, pa.scalar(None, pa.string()), table.column("modality")),
         "content_hash": pc.if_else(hit, pa.scalar(None, pa.string()), table.column("content_hash")),
         "meta": pc.if_else(hit, pa.scalar(None, pa.string()), table.column("meta")),
     }

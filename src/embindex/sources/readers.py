@@ -1,4 +1,4 @@
-"""Corpus readers: Parquet, JSONL (optionally gzipped) and text-file folders, local or object storage,
+"""Corpus readers: Parquet, JSONL (optionally gzipped), folders of text and/or image files, local or object storage,
 through Ray Data with pyarrow filesystems. A corpus is planned into fragments (`fragments.py`) and read
 as a dataset of normalized rows (`normalize.NORMALIZED_SCHEMA` + `fragment`), documents and rejects alike."""
 
@@ -29,6 +29,9 @@ def rules_for(cfg: SourceConfig) -> RowRules:
         text_column=cfg.text_column,
         metadata_columns=tuple(cfg.metadata_columns) if cfg.metadata_columns is not None else None,
         max_text_bytes=cfg.max_text_bytes,
+        image_column=cfg.image_column,
+        max_image_bytes=cfg.max_image_bytes,
+        image_extensions=tuple(e.lower() for e in cfg.image_extensions),
     )
 
 
@@ -61,24 +64,29 @@ def list_files(cfg: SourceConfig) -> list[str]:
     return files
 
 
+def _extensions(fmt: str, cfg: SourceConfig) -> tuple[str, ...]:
+    text, images = tuple(cfg.text_extensions), tuple(e.lower() for e in cfg.image_extensions)
+    return FORMAT_EXTENSIONS.get(fmt) or {"text": text, "images": images, "mixed": text + images}[fmt]
+
+
 def detect_format(cfg: SourceConfig, files: list[str]) -> str:
+    """parquet | jsonl | text | images, or mixed for a folder of text and image files."""
     if cfg.format != "auto":
         return cfg.format
-    for fmt, exts in FORMAT_EXTENSIONS.items():
-        if all(f.endswith(exts) for f in files):
+    lower = [f.lower() for f in files]
+    for fmt in ("parquet", "jsonl", "text", "images", "mixed"):
+        if all(f.endswith(_extensions(fmt, cfg)) for f in lower):
             return fmt
-    if all(f.endswith(tuple(cfg.text_extensions)) for f in files):
-        return "text"
     kinds = sorted({os.path.splitext(f)[1] or "(none)" for f in files})
     raise ValueError(
         f"cannot tell the format of {cfg.uri!r} from its file extensions {kinds}; set source.format "
-        "to parquet, jsonl or text"
+        "to parquet, jsonl, text, images or mixed"
     )
 
 
 def _select(files: list[str], fmt: str, cfg: SourceConfig) -> list[str]:
-    exts = FORMAT_EXTENSIONS.get(fmt, tuple(cfg.text_extensions))
-    chosen = [f for f in files if f.endswith(exts)]
+    exts = _extensions(fmt, cfg)
+    chosen = [f for f in files if f.lower().endswith(exts)]
     if not chosen:
         raise FileNotFoundError(f"no {fmt} files ({', '.join(exts)}) under {cfg.uri!r}")
     return chosen

@@ -1,0 +1,104 @@
+"""Image rows on CPU tasks: decode (Pillow), guard against broken or oversized images, and turn each
+image into the model's prepared uint8 pixels (`ImageProcessor`). A bad image becomes a reject with a
+reason here, never an exception in an embed actor.
+
+Prepared pixels travel to the actors as raw bytes (`pixels`, with `height` / `width`): 1 byte per
+value; normalization and patching happen in the encoder.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..models.base import ImageProcessor
+from ..sources.normalize import Reasons
+
+PIXEL_COLUMNS = ("pixels", "height", "width")
+
+
+class ImageRejected(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def decode_image(data: bytes, max_pixels: int) -> Any:
+    """Encoded bytes -> a fully loaded PIL image; ImageRejected when unreadable, truncated or too large."""
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a reject, never a crashed worker
+        raise ImageRejected(Reasons.IMAGE_UNREADABLE, f"not a readable image ({type(e).__name__}: {e})") from None
+    if w * h > max_pixels:
+        raise ImageRejected(Reasons.IMAGE_TOO_LARGE, f"image is {w}x{h} = {w * h} pixels > max_image_pixels "
+                            f"{max_pixels}")
+    if w == 0 or h == 0:
+        raise ImageRejected(Reasons.IMAGE_UNREADABLE, f"image has no pixels ({w}x{h})")
+    try:
+        im.load()
+    except Image.DecompressionBombError as e:
+        raise ImageRejected(Reasons.IMAGE_TOO_LARGE, str(e)) from None
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt data
+        raise ImageRejected(Reasons.IMAGE_UNREADABLE, f"cannot decode {im.format or 'image'} "
+                            f"({type(e).__name__}: {e})") from None
+    return im
+
+
+def open_image(image: Any, max_pixels: int = 64_000_000) -> Any:
+    """A query image given as a PIL image, encoded bytes or a local path -> a loaded PIL image."""
+    if hasattr(image, "convert") and hasattr(image, "size"):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        with open(image, "rb") as f:
+            image = f.read()
+    if isinstance(image, (bytes, bytearray)):
+        try:
+            return decode_image(bytes(image), max_pixels)
+        except ImageRejected as e:
+            raise ValueError(e.detail) from None
+    raise TypeError(f"an image must be a PIL image, bytes or a path, got {type(image).__name__}")
+
+
+def prepare_image_rows(batch: pa.Table, processor: ImageProcessor | None, model: str,
+                       max_pixels: int) -> pa.Table:
+    """Replace the `image` column by the prepared `pixels` / `height` / `width` columns; image rows that
+    cannot be decoded, are too large, or meet a text-only model (`processor` None) become rejects."""
+    n = batch.num_rows
+    is_image = pc.and_(pc.is_null(batch.column("reject")), pc.equal(batch.column("modality"), "image"))
+    rows = np.flatnonzero(pc.fill_null(is_image, False).to_numpy(zero_copy_only=False))
+    pixels: list[bytes | None] = [None] * n
+    heights: list[int | None] = [None] * n
+    widths: list[int | None] = [None] * n
+    reject = batch.column("reject").to_pylist()
+    detail = batch.column("reject_detail").to_pylist()
+    images = batch.column("image")
+    for i in rows:
+        try:
+            if processor is None:
+                raise ImageRejected(Reasons.UNSUPPORTED_MODALITY, f"model family {model!r} embeds text only")
+            arr = processor(decode_image(images[int(i)].as_py(), max_pixels))
+        except ImageRejected as e:
+            reject[i], detail[i] = e.reason, e.detail
+            continue
+        pixels[i], heights[i], widths[i] = np.ascontiguousarray(arr, np.uint8).tobytes(), arr.shape[0], arr.shape[1]
+    out = batch.drop_columns(["image"])
+    for name, values, typ in (("reject", reject, pa.string()), ("reject_detail", detail, pa.string())):
+        out = out.set_column(out.schema.get_field_index(name), name, pa.array(values, typ))
+    out = out.append_column("pixels", pa.array(pixels, pa.binary()))
+    out = out.append_column("height", pa.array(heights, pa.int32()))
+    return out.append_column("width", pa.array(widths, pa.int32()))
+
+
+def pixels_of(batch: pa.Table, rows: np.ndarray) -> list[np.ndarray]:
+    """The prepared [H, W, 3] uint8 images of the given rows."""
+    data, hs, ws = (batch.column(c) for c in PIXEL_COLUMNS)
+    return [np.frombuffer(data[int(i)].as_py(), np.uint8).reshape(hs[int(i)].as_py(), ws[int(i)].as_py(), 3)
+            for i in rows]
