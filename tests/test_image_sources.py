@@ -167,3 +167,21 @@ def test_open_image_accepts_pil_bytes_and_paths(tmp_path):
         assert open_image(x).size == (20, 10)
     with pytest.raises(ValueError):
         open_image(b"nope")
+
+
+def test_fragments_close_on_bytes(tmp_path):
+    """Image corpora: a fragment holds at most `fragment_bytes` of data, whatever the row / file counts."""
+    for i in range(6):
+        (tmp_path / f"{i}.png").write_bytes(png(60 + i, 40))
+    sizes = sorted((tmp_path / f"{i}.png").stat().st_size for i in range(6))
+    corpus = open_corpus(SourceConfig(uri=str(tmp_path), fragment_bytes=2 * sizes[-1]))
+    assert [f.rows for f in corpus.fragments] == [2, 2, 2]
+    assert len(open_corpus(SourceConfig(uri=str(tmp_path))).fragments) == 1
+    big = [png(200 + i, 200) for i in range(8)]
+    pq.write_table(pa.table({"id": [str(i) for i in range(8)], "image": pa.array(big, pa.binary())}),
+                   tmp_path / "imgs.parquet", row_group_size=1)
+    per_group = pq.ParquetFile(tmp_path / "imgs.parquet").metadata.row_group(0).total_byte_size
+    cfg = SourceConfig(uri=str(tmp_path / "imgs.parquet"), fragment_bytes=3 * per_group + 10)
+    frags = open_corpus(cfg).fragments
+    assert sum(f.rows for f in frags) == 8 and max(f.rows for f in frags) <= 3 and len(frags) >= 3
+    assert sorted(r["id"] for r in read_all(cfg).to_pylist()) == [str(i) for i in range(8)]

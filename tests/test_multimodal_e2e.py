@@ -159,3 +159,48 @@ def test_image_folder_v4_multivector_from_s3(ray_cluster, s3_bucket):
     brute = maxsim_scores(q_tokens[0], stored)
     assert [h.id for h in hits] == [reader.ids[j] for j in np.argsort(-brute, kind="stable")[:7]]
     assert json.loads(json.dumps(hits[0].to_dict()))["modality"] in ("text", "image")
+
+
+def test_v4_late_chunking_mixed_folder_and_image_rows_whole(ray_cluster, tmp_path):
+    """Late chunking on jina-embeddings-v4 (code adapter): text files become chunk rows pooled from one
+    forward pass; image files stay one row (no chunk) with the image vector."""
+    import torch
+
+    from embindex.text.chunking import ChunkSpec, chunk_spans, token_spans
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = {f"doc{i}.md": " ".join(d["text"].split()[:60]) + ". Second sentence here. And a third one."
+             for i, d in enumerate(sample_docs(4))}
+    for name, text in texts.items():
+        (corpus / name).write_text(text)
+    images = make_images(2, seed=9)
+    for i, data in enumerate(images):
+        (corpus / f"fig{i}.png").write_bytes(data)
+    model_dir = str(FIXTURES / "jina-embeddings-v4-tiny")
+    cfg = job_config(str(corpus), str(tmp_path / "idx"), index={"tiers": ["full"]},
+                     model={"name": "jina-embeddings-v4", "path": model_dir, "task": "code", "max_length": 512},
+                     outputs={"late_chunking": {"chunker": "sentences", "n_sentences": 1}})
+    result = embindex.build(cfg, log=None)
+    assert result.counts["documents"] == 6 and result.counts["chunks"] > 6
+    reader = embindex.open_index(str(tmp_path / "idx"))
+    fam = load_family(ModelSpec(name="jina-embeddings-v4", path=model_dir, dtype="float32", task="code",
+                                max_length=512))
+    emb = Embedder(fam)
+    img_ref = emb.encode_images(images, task="code")
+    for i in range(2):
+        rows = [j for j, x in enumerate(reader.ids) if x == f"fig{i}.png"]
+        assert len(rows) == 1 and reader._chunks[rows[0]] is None
+        assert np.abs(reader.vectors[rows[0]] - img_ref[i]).max() < 2e-3
+    for name, text in texts.items():
+        t = emb.tokenizer.encode_with_offsets(text, "document", "code", truncate=False)
+        chars = chunk_spans(text, ChunkSpec("sentences", n_sentences=1), t.offsets)
+        ids = torch.from_numpy(t.ids.astype(np.int64))[None]
+        states = emb.encoder.forward_token_states(ids, torch.ones_like(ids), "code")[0].float()
+        stored = sorted((reader._chunks[j]["index"], j) for j, x in enumerate(reader.ids) if x == name)
+        assert [(reader._chunks[j]["start"], reader._chunks[j]["end"]) for _, j in stored] == chars
+        for (_, j), (s, e) in zip(stored, token_spans(t.offsets, chars)):
+            ref = states[s:e].mean(0)
+            assert float(np.dot(reader.vectors[j], (ref / ref.norm()).numpy())) > 0.9995
+    hits = reader.search_images(images[1], k=2, modality="image")[0]
+    assert hits[0].id == "fig1.png" and hits[0].chunk is None

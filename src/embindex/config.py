@@ -35,6 +35,8 @@ class SourceConfig(_Section):
     storage: dict[str, Any] = Field(default_factory=dict)
     fragment_rows: int = Field(10_000, gt=0, description="Parquet rows per fragment (unit of work and resume)")
     fragment_files: int = Field(256, gt=0, description="text or image files per fragment")
+    fragment_bytes: int = Field(256 << 20, gt=0, description="data per fragment (Parquet row groups "
+                                "uncompressed, file sizes): keeps image blocks small")
 
     def storage_options(self) -> StorageOptions:
         return StorageOptions.from_dict(self.storage)

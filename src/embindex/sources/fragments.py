@@ -51,8 +51,10 @@ def _fragment_id(fmt: str, infos: list[pafs.FileInfo], extra: Any = None) -> str
 
 
 def plan_fragments(fs: pafs.FileSystem, files: list[str], fmt: str, fragment_rows: int,
-                   fragment_files: int) -> list[Fragment]:
-    """Split the corpus files into fragments (deterministic order and ids)."""
+                   fragment_files: int, fragment_bytes: int = 256 << 20) -> list[Fragment]:
+    """Split the corpus files into fragments (deterministic order and ids). A fragment closes before it
+    would pass `fragment_rows` Parquet rows or `fragment_files` files, or `fragment_bytes` of data
+    (uncompressed Parquet row groups, file sizes): image corpora get fewer rows per block."""
     infos = fs.get_file_info(files)
     frags: list[Fragment] = []
     if fmt == "parquet":
@@ -60,21 +62,30 @@ def plan_fragments(fs: pafs.FileSystem, files: list[str], fmt: str, fragment_row
             with fs.open_input_file(info.path) as f:
                 meta = pq.ParquetFile(f).metadata
             groups: list[int] = []
-            rows = 0
+            rows = size = 0
             for g in range(meta.num_row_groups):
-                n = meta.row_group(g).num_rows
-                if groups and rows + n > fragment_rows:
+                n, nbytes = meta.row_group(g).num_rows, meta.row_group(g).total_byte_size
+                if groups and (rows + n > fragment_rows or size + nbytes > fragment_bytes):
                     frags.append(Fragment(_fragment_id(fmt, [info], groups), fmt, (info.path,), tuple(groups), rows))
-                    groups, rows = [], 0
+                    groups, rows, size = [], 0, 0
                 groups.append(g)
                 rows += n
+                size += nbytes
             if groups or meta.num_row_groups == 0:
                 frags.append(Fragment(_fragment_id(fmt, [info], groups), fmt, (info.path,), tuple(groups), rows))
     elif fmt == "jsonl":
         frags = [Fragment(_fragment_id(fmt, [info]), fmt, (info.path,)) for info in infos]
     else:
-        for i in range(0, len(infos), fragment_files):
-            group = infos[i : i + fragment_files]
+        group: list[pafs.FileInfo] = []
+        size = 0
+        for info in infos:
+            n = info.size or 0
+            if group and (len(group) >= fragment_files or size + n > fragment_bytes):
+                frags.append(Fragment(_fragment_id(fmt, group), fmt, tuple(x.path for x in group), (), len(group)))
+                group, size = [], 0
+            group.append(info)
+            size += n
+        if group:
             frags.append(Fragment(_fragment_id(fmt, group), fmt, tuple(x.path for x in group), (), len(group)))
     return frags
 

@@ -128,5 +128,5 @@ def open_corpus(cfg: SourceConfig) -> Corpus:
     root = strip_scheme(cfg.uri)
     if len(files) == 1 and files[0] == root:
         root = posixpath.dirname(root) if is_remote(cfg.uri) else os.path.dirname(root)
-    frags = plan_fragments(fs, files, fmt, cfg.fragment_rows, cfg.fragment_files)
+    frags = plan_fragments(fs, files, fmt, cfg.fragment_rows, cfg.fragment_files, cfg.fragment_bytes)
     return Corpus(cfg.uri, fmt, files, frags, fs, rules_for(cfg), root)
