@@ -204,3 +204,60 @@ def test_v4_late_chunking_mixed_folder_and_image_rows_whole(ray_cluster, tmp_pat
             assert float(np.dot(reader.vectors[j], (ref / ref.norm()).numpy())) > 0.9995
     hits = reader.search_images(images[1], k=2, modality="image")[0]
     assert hits[0].id == "fig1.png" and hits[0].chunk is None
+
+
+def test_image_folder_reindex_and_cli_image_search(ray_cluster, tmp_path):
+    """Incremental re-indexing of an image folder (content hash = image bytes): a replaced image is
+    embedded again, an unchanged one is not, a deleted one disappears; `embindex search --image`."""
+    from typer.testing import CliRunner
+
+    from embindex.cli import app
+    from embindex.reindex import reindex
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    images = make_images(6, seed=11)
+    for i in range(5):
+        (folder / f"{i}.png").write_bytes(images[i])
+    index_uri = str(tmp_path / "idx")
+    model_dir = str(FIXTURES / "jina-clip-v2-tiny")
+    cfg = job_config(str(folder), index_uri, index={"tiers": [8, "full"]},
+                     model={"name": "jina-clip-v2", "path": model_dir})
+    first = reindex(cfg, log=None)
+    assert first.counts["documents"] == 5
+    (folder / "1.png").write_bytes(images[5])  # replaced content, same id
+    (folder / "4.png").unlink()
+    second = reindex(cfg, log=None)
+    m = second.manifest
+    assert m.delta["changed"] == 1 and m.delta["deleted"] == 1 and m.delta["unchanged"] == 3
+    assert m.delta["documents_embedded"] == 1
+
+    reader = embindex.open_index(index_uri)
+    hit = reader.search_images(images[5], k=1)[0][0]
+    assert hit.id == "1.png" and hit.score > 0.999  # the new content under the old id
+    assert all(h.id != "4.png" for h in reader.search_images(images[4], k=5)[0])
+
+    (tmp_path / "q.png").write_bytes(images[2])
+    out = CliRunner().invoke(app, ["search", index_uri, "--image", str(tmp_path / "q.png"), "-k", "2", "--json"])
+    assert out.exit_code == 0, out.output
+    line = json.loads(out.stdout.strip().splitlines()[0])
+    assert line["query"] == f"image:{tmp_path / 'q.png'}" and line["hits"][0]["id"] == "2.png"
+    assert line["hits"][0]["modality"] == "image"
+    both = CliRunner().invoke(app, ["search", index_uri, "a photo", "--image", str(tmp_path / "q.png"), "-k", "1"])
+    assert both.exit_code == 0 and "query: a photo" in both.stdout and "2.png [image]" in both.stdout
+    none = CliRunner().invoke(app, ["search", index_uri])
+    assert none.exit_code != 0
+
+
+def test_text_only_model_rejects_images_of_a_mixed_folder(ray_cluster, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.txt").write_text("plain text document about files")
+    (folder / "b.png").write_bytes(make_images(1)[0])
+    result = embindex.build(job_config(str(folder), str(tmp_path / "idx")), log=None)
+    assert result.counts["documents"] == 1 and result.counts["rejected"] == 1
+    assert result.manifest.rejects[0].reasons == {Reasons.UNSUPPORTED_MODALITY: 1}
+    reader = embindex.open_index(str(tmp_path / "idx"))
+    assert reader.search("files", k=1)[0][0].modality == "text"
+    with pytest.raises(ValueError, match="takes no images"):
+        reader.search_images(make_images(1)[0])
