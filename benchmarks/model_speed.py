@@ -57,6 +57,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
+from machine_info import cpu_name
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,15 +284,6 @@ def run_batch(embedder, device: torch.device, ids: list[np.ndarray], task: str,
     return dt
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def machine(device: torch.device) -> str:

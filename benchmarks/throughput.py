@@ -24,7 +24,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,6 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 import numpy as np  # noqa: E402
+from machine_info import cpu_name  # noqa: E402
 
 MODEL = "builtin:all-MiniLM-L6-v2"
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -176,14 +176,6 @@ def min_cosine(x: np.ndarray, ref: np.ndarray) -> float:
     return float(np.min(np.sum(x * ref, axis=1)))
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def med(values: list[float]) -> float:

@@ -97,6 +97,35 @@ class TextTokenizer(ABC):
         raise NotImplementedError(f"{type(self).__name__} gives no token offsets (no late chunking)")
 
 
+class PrefixTokenizer(TextTokenizer):
+    """A `tokenizers.Tokenizer` (truncation on at `max_length`) behind a role/task-dependent text prefix:
+    subclasses set `tok`, `max_length`, `pad_token_id` and define `prefix`."""
+
+    tok: Any
+    max_length: int
+    add_special_tokens: bool = True
+
+    @abstractmethod
+    def prefix(self, role: Role, task: str | None = None) -> str: ...
+
+    def __call__(self, texts: Sequence[str], role: Role, task: str | None = None) -> list[np.ndarray]:
+        prefix = self.prefix(role, task)
+        encs = self.tok.encode_batch([prefix + t for t in texts], add_special_tokens=self.add_special_tokens)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encs]
+
+    def encode_with_offsets(self, text: str, role: Role, task: str | None = None,
+                            truncate: bool = True) -> TokenizedText:
+        prefix = self.prefix(role, task)
+        if not truncate:
+            self.tok.no_truncation()
+        try:
+            enc = self.tok.encode(prefix + text, add_special_tokens=self.add_special_tokens)
+        finally:
+            self.tok.enable_truncation(self.max_length)
+        offsets = text_offsets(enc.offsets, enc.special_tokens_mask, len(prefix))
+        return TokenizedText(np.asarray(enc.ids, dtype=np.int32), offsets, leading_prefix_tokens(offsets))
+
+
 class ImageProcessor(ABC):
     """CPU side of image inputs (runs in Ray CPU tasks): a decoded RGB PIL image -> the uint8 pixels
     the model sees (resized / cropped, not yet normalized). Normalization and patching happen in the
@@ -206,10 +235,13 @@ def read_config(path: str) -> dict[str, Any]:
 
 
 def safetensors_files(path: str) -> list[str]:
-    """The checkpoint's weight files (sharded index first). Pickled weights are refused, never loaded."""
+    """The checkpoint's weight files: the sharded index's, else `model.safetensors`, else every
+    .safetensors file. Pickled weights are refused, never loaded."""
     index = read_json(os.path.join(path, "model.safetensors.index.json"))
     if index is not None:
         return [os.path.join(path, f) for f in sorted(set(index["weight_map"].values()))]
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return [os.path.join(path, "model.safetensors")]  # other files there (e.g. test data) are not weights
     found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if found:
         return [os.path.join(path, f) for f in found]

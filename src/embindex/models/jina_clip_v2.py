@@ -42,17 +42,14 @@ from .base import (
     ModelError,
     ModelFamily,
     ModelInfo,
+    PrefixTokenizer,
     Role,
     TextEncoder,
-    TextTokenizer,
-    TokenizedText,
-    leading_prefix_tokens,
     mean_pool,
     pick_device,
     read_config,
     read_json,
     resolve_dtype,
-    text_offsets,
 )
 from .eva02 import EVA02Config, EVA02VisionTransformer, build_eva02
 from .jina_xlmr import (
@@ -201,7 +198,7 @@ def _need(d: dict[str, Any], key: str, where: str) -> Any:
 # tokenizer
 
 
-class JinaClipV2Tokenizer(TextTokenizer):
+class JinaClipV2Tokenizer(PrefixTokenizer):
     """XLM-R `tokenizers` pipeline (`<s> … </s>`, right padding); role "query" gets the retrieval.query
     instruction, role "document" none."""
 
@@ -220,22 +217,6 @@ class JinaClipV2Tokenizer(TextTokenizer):
         if role not in ("query", "document"):
             raise ModelError(f"unknown role {role!r} (query | document)")
         return self.query_instruction if role == "query" else ""
-
-    def __call__(self, texts: Sequence[str], role: Role, task: str | None = None) -> list[np.ndarray]:
-        prefix = self.prefix(role, task)
-        return [np.asarray(e.ids, dtype=np.int32) for e in self.tok.encode_batch([prefix + t for t in texts])]
-
-    def encode_with_offsets(self, text: str, role: Role, task: str | None = None,
-                            truncate: bool = True) -> TokenizedText:
-        prefix = self.prefix(role, task)
-        if not truncate:
-            self.tok.no_truncation()
-        try:
-            enc = self.tok.encode(prefix + text)
-        finally:
-            self.tok.enable_truncation(self.max_length)
-        offsets = text_offsets(enc.offsets, enc.special_tokens_mask, len(prefix))
-        return TokenizedText(np.asarray(enc.ids, dtype=np.int32), offsets, leading_prefix_tokens(offsets))
 
 
 def _check_task(task: str | None, supported: str) -> None:

@@ -31,22 +31,18 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from .base import (
     ModelError,
     ModelFamily,
     ModelInfo,
+    PrefixTokenizer,
     Role,
     TextEncoder,
-    TextTokenizer,
-    TokenizedText,
-    leading_prefix_tokens,
     mean_pool,
     pick_device,
     resolve_dtype,
-    text_offsets,
 )
 from .jina_xlmr import (
     JinaXLMRBackbone,
@@ -76,7 +72,7 @@ def _instruction(instructions: dict[str, str], role: Role, task: str) -> str:
     return instructions.get(task, "")
 
 
-class JinaV3Tokenizer(TextTokenizer):
+class JinaV3Tokenizer(PrefixTokenizer):
     """`tokenizers` pipeline from tokenizer.json (normalizer included) + the role/task instruction."""
 
     padding_side = "right"
@@ -94,23 +90,6 @@ class JinaV3Tokenizer(TextTokenizer):
     def prefix(self, role: Role, task: str | None = None) -> str:
         """The instruction prepended to texts of `role` under `task`."""
         return _instruction(self.instructions, role, _resolve_task(task, self.default_task, self.tasks))
-
-    def __call__(self, texts: Sequence[str], role: Role, task: str | None = None) -> list[np.ndarray]:
-        prefix = self.prefix(role, task)
-        encs = self.tok.encode_batch([prefix + t for t in texts])
-        return [np.asarray(e.ids, dtype=np.int32) for e in encs]
-
-    def encode_with_offsets(self, text: str, role: Role, task: str | None = None,
-                            truncate: bool = True) -> TokenizedText:
-        prefix = self.prefix(role, task)
-        if not truncate:
-            self.tok.no_truncation()
-        try:
-            enc = self.tok.encode(prefix + text)
-        finally:
-            self.tok.enable_truncation(self.max_length)
-        offsets = text_offsets(enc.offsets, enc.special_tokens_mask, len(prefix))
-        return TokenizedText(np.asarray(enc.ids, dtype=np.int32), offsets, leading_prefix_tokens(offsets))
 
 
 def _resolve_task(task: str | None, default: str | None, tasks: Sequence[str]) -> str:

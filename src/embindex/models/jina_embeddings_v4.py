@@ -42,18 +42,15 @@ from .base import (
     ModelFamily,
     ModelInfo,
     ModelSpec,
+    PrefixTokenizer,
     Role,
     TextEncoder,
-    TextTokenizer,
-    TokenizedText,
-    leading_prefix_tokens,
     mean_pool,
     pick_device,
     read_config,
     read_json,
     resolve_dtype,
     safetensors_files,
-    text_offsets,
 )
 from .qwen2_vl_images import QwenVLImageConfig, QwenVLImageProcessor, flatten_patches
 
@@ -187,16 +184,6 @@ def _read_adapters(path: str, module: nn.Module, tasks: Sequence[str], load: boo
     return cfg, found, targets  # type: ignore[return-value]
 
 
-def weight_files(path: str) -> list[str]:
-    """The base weight files: the sharded index's files, else `model.safetensors`, else every .safetensors
-    (other safetensors files in the directory, e.g. test data, are not weights)."""
-    if read_json(os.path.join(path, "model.safetensors.index.json")) is None:
-        single = os.path.join(path, "model.safetensors")
-        if os.path.exists(single):
-            return [single]
-    return safetensors_files(path)
-
-
 def load_base_state(path: str, expected: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
                     device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """Read the base weights into `_V4Module` names (either key layout), checking names and shapes against
@@ -207,7 +194,7 @@ def load_base_state(path: str, expected: dict[str, torch.Tensor], dtype: torch.d
     state: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
     unexpected: list[str] = []
-    for file in weight_files(path):
+    for file in safetensors_files(path):
         with safe_open(file, framework="pt", device="cpu") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 name = base_key(key)
@@ -234,8 +221,10 @@ def load_base_state(path: str, expected: dict[str, torch.Tensor], dtype: torch.d
     return state
 
 
-class JinaV4Tokenizer(TextTokenizer):
+class JinaV4Tokenizer(PrefixTokenizer):
     """`f"{prefix}: {text}"` -> ids with the checkpoint's tokenizer.json (no special tokens added)."""
+
+    add_special_tokens = False
 
     def __init__(self, path: str, max_length: int, tasks: Sequence[str], default_task: str):
         from tokenizers import Tokenizer
@@ -262,23 +251,6 @@ class JinaV4Tokenizer(TextTokenizer):
 
     def prefix(self, role: Role, task: str | None = None) -> str:
         return task_prefix(_check_task(task, self.default_task, self.tasks), role)
-
-    def __call__(self, texts: Sequence[str], role: Role, task: str | None = None) -> list[np.ndarray]:
-        prefix = self.prefix(role, task)
-        encs = self.tok.encode_batch([prefix + t for t in texts], add_special_tokens=False)
-        return [np.asarray(e.ids, dtype=np.int32) for e in encs]
-
-    def encode_with_offsets(self, text: str, role: Role, task: str | None = None,
-                            truncate: bool = True) -> TokenizedText:
-        prefix = self.prefix(role, task)
-        if not truncate:
-            self.tok.no_truncation()
-        try:
-            enc = self.tok.encode(prefix + text, add_special_tokens=False)
-        finally:
-            self.tok.enable_truncation(self.max_length)
-        offsets = text_offsets(enc.offsets, enc.special_tokens_mask, len(prefix))
-        return TokenizedText(np.asarray(enc.ids, dtype=np.int32), offsets, leading_prefix_tokens(offsets))
 
     def image_template_ids(self) -> list[int]:
         """Ids of the image chat template (one `<|image_pad|>`, expanded by the encoder); never truncated."""
