@@ -182,6 +182,13 @@ class EmbedActor:
         self.rows = 0
         self.progress = progress
         self._pending, self._last_report = 0, time.perf_counter()
+        # first-call costs (kernel selection, allocator growth, CUDA context) now, while the first
+        # fragment is still being read and tokenized, not inside the first fragment's call
+        warm = ["warm-up " * 16] * 8
+        if self.mode == "multivector":
+            self.embedder.encode_tokens(warm, task=task)
+        else:
+            self.embedder.encode(warm, task=task)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
