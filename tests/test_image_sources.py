@@ -19,6 +19,8 @@ from embindex.sources.fragments import read_fragment
 from embindex.sources.normalize import Reasons
 from embindex.sources.readers import open_corpus
 
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+
 
 def png(w: int = 20, h: int = 10, color=(200, 30, 30), mode: str = "RGB", fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
@@ -77,7 +79,7 @@ def test_parquet_image_bytes_structs_and_paths(tmp_path):
         "lang": ["x"] * 7,
     })
     pq.write_table(table, tmp_path / "corpus.parquet")
-    t = read_all(SourceConfig(uri=str(tmp_path / "corpus.parquet"), max_image_bytes=4000))
+    t = read_all(SourceConfig(uri=str(tmp_path / "corpus.parquet"), image_column="image", max_image_bytes=4000))
     rows = {r["id"]: r for r in t.to_pylist()}
     assert rows["bytes"]["image"] == png() and rows["bytes"]["modality"] == "image"
     assert rows["struct"]["image"] == png(color=(0, 255, 0))
@@ -98,8 +100,12 @@ def test_parquet_plain_binary_and_string_path_columns(tmp_path):
     rows = {r["id"]: r for r in read_all(SourceConfig(uri=str(tmp_path / "a.parquet"), image_column="img")).to_pylist()}
     assert rows["b"]["image"] == png() and rows["s"]["modality"] == "text"
     pq.write_table(pa.table({"id": ["p"], "image": [str(tmp_path / "i.png")]}), tmp_path / "b.parquet")
-    rows = read_all(SourceConfig(uri=str(tmp_path / "b.parquet"))).to_pylist()
+    rows = read_all(SourceConfig(uri=str(tmp_path / "b.parquet"), image_column="image")).to_pylist()
     assert rows[0]["image"] == png()
+    # without image_column an `image` column is ordinary metadata of a text corpus
+    pq.write_table(pa.table({"id": ["t"], "text": ["words"], "image": ["thumb.jpg"]}), tmp_path / "c.parquet")
+    row = read_all(SourceConfig(uri=str(tmp_path / "c.parquet"))).to_pylist()[0]
+    assert row["modality"] == "text" and json.loads(row["meta"]) == {"image": "thumb.jpg"}
 
 
 def test_jsonl_image_paths_on_s3(s3_bucket):
@@ -109,7 +115,7 @@ def test_jsonl_image_paths_on_s3(s3_bucket):
              {"id": "gone", "image": "imgs/missing.png"}, {"id": "t", "text": "hello"},
              {"id": "other-store", "image": "gs://elsewhere/x.png"}]
     client.put_object(Bucket=bucket, Key="corpus/rows.jsonl", Body="\n".join(json.dumps(x) for x in lines).encode())
-    cfg = SourceConfig(uri=f"s3://{bucket}/corpus/rows.jsonl", storage=opts)
+    cfg = SourceConfig(uri=f"s3://{bucket}/corpus/rows.jsonl", storage=opts, image_column="image")
     rows = {r["id"]: r for r in read_all(cfg).to_pylist()}
     assert rows["rel"]["image"] == png() and rows["abs"]["image"] == png()
     assert rows["gone"]["reject"] == Reasons.IMAGE_UNREADABLE
@@ -181,7 +187,61 @@ def test_fragments_close_on_bytes(tmp_path):
     pq.write_table(pa.table({"id": [str(i) for i in range(8)], "image": pa.array(big, pa.binary())}),
                    tmp_path / "imgs.parquet", row_group_size=1)
     per_group = pq.ParquetFile(tmp_path / "imgs.parquet").metadata.row_group(0).total_byte_size
-    cfg = SourceConfig(uri=str(tmp_path / "imgs.parquet"), fragment_bytes=3 * per_group + 10)
+    cfg = SourceConfig(uri=str(tmp_path / "imgs.parquet"), fragment_bytes=3 * per_group + 10, image_column="image")
     frags = open_corpus(cfg).fragments
     assert sum(f.rows for f in frags) == 8 and max(f.rows for f in frags) <= 3 and len(frags) >= 3
     assert sorted(r["id"] for r in read_all(cfg).to_pylist()) == [str(i) for i in range(8)]
+
+
+def test_image_references_stay_under_the_image_root(tmp_path):
+    corpus, private = tmp_path / "corpus", tmp_path / "private"
+    corpus.mkdir(), private.mkdir()
+    (corpus / "ok.png").write_bytes(png())
+    (private / "secret.png").write_bytes(png(color=(1, 1, 1)))
+    refs = {"ok": "ok.png", "up": "../private/secret.png", "abs": str(private / "secret.png"),
+            "uri": f"file://{private / 'secret.png'}", "etc": "/etc/hostname", "empty-scheme": "://x.png"}
+    pq.write_table(pa.table({"id": list(refs), "image": list(refs.values())}), corpus / "rows.parquet")
+    rows = {r["id"]: r for r in read_all(SourceConfig(uri=str(corpus / "rows.parquet"),
+                                                      image_column="image")).to_pylist()}
+    assert rows["ok"]["image"] == png()
+    for key in ("up", "abs", "uri", "etc", "empty-scheme"):
+        assert rows[key]["reject"] == Reasons.IMAGE_UNREADABLE, key
+    assert "outside" in rows["up"]["reject_detail"]
+    wider = SourceConfig(uri=str(corpus / "rows.parquet"), image_column="image", image_root=str(tmp_path))
+    rows = {r["id"]: r for r in read_all(wider).to_pylist()}
+    assert rows["up"]["image"] == rows["abs"]["image"] == rows["uri"]["image"] == png(color=(1, 1, 1))
+    assert rows["etc"]["reject"] == Reasons.IMAGE_UNREADABLE
+    with pytest.raises(ValueError, match="same store"):
+        open_corpus(SourceConfig(uri=str(corpus), image_root="s3://bucket/x"))
+
+
+def test_processor_failures_and_odd_images_become_rejects():
+    """Extreme aspect ratios are `image_unsupported`; non-raster formats are not opened; odd modes work."""
+    from embindex.models import ModelSpec, load_family
+
+    clip = load_family(ModelSpec(name="jina-clip-v2", path=str(FIXTURES / "jina-clip-v2-tiny"))).load_image_processor()
+    v4 = load_family(ModelSpec(name="jina-embeddings-v4",
+                               path=str(FIXTURES / "jina-embeddings-v4-tiny"))).load_image_processor()
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    odd = []
+    for mode in ("I;16", "CMYK", "P", "LA", "1"):
+        buf = io.BytesIO()
+        Image.new(mode, (30, 20)).save(buf, "TIFF" if mode in ("I;16", "CMYK") else "PNG")
+        odd.append(buf.getvalue())
+    images = [png(300, 1), png(1, 250), eps, png(1, 1)] + odd
+    for proc in (clip, v4):
+        out = prepare_image_rows(_batch(images, ["image"] * len(images)), proc, "x", 10**6)
+        rej = out.column("reject").to_pylist()
+        assert rej[:3] == [Reasons.IMAGE_UNSUPPORTED, Reasons.IMAGE_UNSUPPORTED, Reasons.IMAGE_UNREADABLE]
+        assert rej[3:] == [None] * (len(images) - 3), out.column("reject_detail").to_pylist()
+        assert all(p.dtype == np.uint8 and p.shape[2] == 3 for p in pixels_of(out, np.arange(3, len(images))))
+
+
+def test_image_rows_per_fragment_are_capped(tmp_path):
+    pq.write_table(pa.table({"id": [str(i) for i in range(10)], "image": pa.array([png()] * 10, pa.binary())}),
+                   tmp_path / "a.parquet", row_group_size=2)
+    frags = open_corpus(SourceConfig(uri=str(tmp_path / "a.parquet"), image_column="image",
+                                     fragment_images=4)).fragments
+    assert [f.rows for f in frags] == [4, 4, 2]
+    # a text corpus (no image_column) keeps fragment_rows
+    assert len(open_corpus(SourceConfig(uri=str(tmp_path / "a.parquet"), fragment_images=4)).fragments) == 1

@@ -77,7 +77,8 @@ def test_mixed_corpus_clip_v2_from_s3(ray_cluster, s3_bucket):
     model_dir = str(FIXTURES / "jina-clip-v2-tiny")
     index_uri = f"s3://{bucket}/idx/clip"
     cfg = job_config(f"s3://{bucket}/corpus/rows.parquet", index_uri,
-                     source={"storage": opts, "fragment_rows": 9, "max_image_pixels": 1000 * 1000},
+                     source={"storage": opts, "fragment_rows": 9, "max_image_pixels": 1000 * 1000,
+                             "image_column": "image"},
                      index={"storage": opts, "tiers": [8, "full"]},
                      model={"name": "jina-clip-v2", "path": model_dir, "max_length": 128})
     result = embindex.build(cfg, log=None)
@@ -261,3 +262,59 @@ def test_text_only_model_rejects_images_of_a_mixed_folder(ray_cluster, tmp_path)
     assert reader.search("files", k=1)[0][0].modality == "text"
     with pytest.raises(ValueError, match="takes no images"):
         reader.search_images(make_images(1)[0])
+
+
+def test_reindex_with_images_rejected_late_and_old_shards_without_modality(ray_cluster, tmp_path):
+    """Rows only the embed pass can reject (an undecodable image, an image for a text-only model) do not
+    break later reindexes; shards written before the modality column still search as text."""
+    import pyarrow.parquet as pq_
+
+    from embindex.reindex import reindex
+
+    docs = sample_docs(12)
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    (tmp_path / "imgs" / "good.png").write_bytes(make_images(1)[0])
+    rows = docs + [{"id": "bad", "image": "imgs/bad.png"}, {"id": "good", "image": "imgs/good.png"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = job_config(str(tmp_path / "rows.jsonl"), str(tmp_path / "idx"), source={"image_column": "image"})
+    first = reindex(cfg, log=None)
+    assert first.counts["documents"] == 12 and first.counts["rejected"] == 2  # text-only model
+    second = reindex(cfg, log=None)  # nothing changed
+    assert second.counts == first.counts and second.manifest.delta["rejected_when_embedded"] == 2
+    assert second.manifest.delta["documents_embedded"] == 0
+
+    # drop the modality column from every shard (an index written before image support)
+    for shard in second.manifest.shards:
+        path = tmp_path / "idx" / shard.path
+        pq_.write_table(pq_.read_table(path).drop_columns(["modality"]), path)
+    reader = embindex.open_index(str(tmp_path / "idx"))
+    hits = reader.search(docs[3]["text"], k=3)[0]
+    assert hits[0].id == docs[3]["id"] and hits[0].modality == "text"
+    assert reader.search(docs[3]["text"], k=3, modality="image")[0] == []
+
+
+def test_v4_multivector_reindex_and_compact(ray_cluster, tmp_path):
+    """Token index of a v4 multi-vector build (128-d tokens vs 2048-d single vectors in the real model;
+    16 vs 64 here) is rebuilt at the token width by reindex and compact."""
+    from embindex.incremental.compact import compact
+    from embindex.reindex import reindex
+
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    images = make_images(4, seed=21)
+    for i in range(3):
+        (folder / f"p{i}.png").write_bytes(images[i])
+    cfg = job_config(str(folder), str(tmp_path / "idx"), index={"tiers": ["full"]},
+                     model={"name": "jina-embeddings-v4", "path": str(FIXTURES / "jina-embeddings-v4-tiny"),
+                            "task": "retrieval"},
+                     outputs={"multivector": {"candidates": "tokens"}})
+    reindex(cfg, log=None)
+    (folder / "p3.png").write_bytes(images[3])
+    second = reindex(cfg, log=None)
+    assert second.manifest.delta["added"] == 1 and second.manifest.outputs["multivector"]["dim"] == 16
+    hit = embindex.open_index(str(tmp_path / "idx")).search_images(images[3], k=1)[0][0]
+    assert hit.id == "p3.png"
+    compact(str(tmp_path / "idx"), force=True, log=None)
+    hit = embindex.open_index(str(tmp_path / "idx")).search_images(images[1], k=1)[0][0]
+    assert hit.id == "p1.png"

@@ -115,7 +115,7 @@ def search(
         if image:
             results += reader.search_images(image, k=k, tier=tier, modality=modality)
         query = (query or []) + [f"image:{p}" for p in image or []]
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         _fail(str(e))
         return
     for q, hits in zip(query, results):
@@ -154,7 +154,7 @@ def inspect(
         f"index    {index}",
         f"version  {m.version}  created {m.created_at}  run {m.run_id}  parent {m.parent or '-'}",
         f"model    {m.model.name}  {m.model.path}  task={m.model.task}  pooling={m.model.pooling}  "
-        f"max_length={m.model.max_length}  {m.model.checkpoint_hash[:19]}",
+        f"max_length={m.model.max_length}  inputs={'+'.join(m.model.modalities)}  {m.model.checkpoint_hash[:19]}",
         f"source   {m.source.get('uri')} ({m.source.get('format')}, {m.source.get('files')} files)",
         f"counts   rows in {m.counts.rows_in}, documents {m.counts.documents}, vectors {m.counts.vectors}, "
         f"rejected {m.counts.rejected}",

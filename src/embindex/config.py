@@ -24,8 +24,12 @@ class SourceConfig(_Section):
     id_column: str = "id"
     text_column: str = "text"
     image_column: str | None = Field(
-        "image", description="Parquet/JSONL column with image bytes, a {bytes, path} struct or a path/URI "
-        "(relative paths resolve against the source root); a row with an image is embedded as an image")
+        None, description="Parquet/JSONL column with image bytes, a {bytes, path} struct or a path/URI "
+        "(relative paths resolve against the source root); a row with an image there is embedded as an "
+        "image. Off by default: an existing `image` column of a text corpus stays metadata")
+    image_root: str | None = Field(
+        None, description="image paths/URIs must lie under this prefix (default: the source root); "
+        "other references are rejected, so a corpus cannot make the job read arbitrary objects")
     metadata_columns: list[str] | None = None  # None: every other column
     max_text_bytes: int = Field(1_000_000, gt=0)
     max_image_bytes: int = Field(32_000_000, gt=0, description="larger encoded images are rejected")
@@ -37,6 +41,8 @@ class SourceConfig(_Section):
     fragment_files: int = Field(256, gt=0, description="text or image files per fragment")
     fragment_bytes: int = Field(256 << 20, gt=0, description="data per fragment (Parquet row groups "
                                 "uncompressed, file sizes): keeps image blocks small")
+    fragment_images: int = Field(256, gt=0, description="rows per fragment when rows hold images (Parquet "
+                                 "with image_column, image folders): bounds the prepared pixels per block")
 
     def storage_options(self) -> StorageOptions:
         return StorageOptions.from_dict(self.storage)

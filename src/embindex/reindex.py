@@ -79,8 +79,13 @@ def reindex(config: str | os.PathLike | dict[str, Any] | JobConfig, overrides: d
         delta_ids = [i for p in parts for i in read_table(store, p["path"], columns=["id"]).column("id").to_pylist()]
         delta_docs = set(delta_ids)
         kept = set(live.hashes) - delta.deleted - delta.changed
-        if delta_docs != delta.to_embed:
-            raise ReconciliationError(f"embedded {len(delta_docs)} documents, expected {len(delta.to_embed)}")
+        # rows that only the embed pass could reject (an image that does not decode, an image for a
+        # text-only model) were counted as documents by the snapshot
+        late = delta.to_embed & {i for r in rejects for i in read_table(store, r["path"], columns=["id"])
+                                 .column("id").to_pylist()}
+        if delta_docs != delta.to_embed - late:
+            raise ReconciliationError(f"embedded {len(delta_docs)} documents, expected "
+                                      f"{len(delta.to_embed - late)}")
         n_docs = len(kept) + len(delta_docs)
         if n_docs + n_rej != rows_in:
             raise ReconciliationError(f"rows in {rows_in} != live {n_docs} + rejected {n_rej}; not published")
@@ -100,7 +105,7 @@ def reindex(config: str | os.PathLike | dict[str, Any] | JobConfig, overrides: d
             quality["carried_from"] = base.quality.get("carried_from", base_version)
         token_index = None
         if cfg.outputs.multivector is not None and cfg.outputs.multivector.candidates == "tokens":
-            token_index = build_token_index(store, all_paths, job.info.dim, job.run_id)
+            token_index = build_token_index(store, all_paths, job.info.token_dim or job.info.dim, job.run_id)
         tomb_rel = f"{layout.run_dir(job.run_id)}/tombstones.parquet"
         put_table(store, tomb_rel, tombstone_table(dead, live.ids))
         job.timings["tiers_s"] = round(time.perf_counter() - t, 3)
@@ -118,6 +123,6 @@ def reindex(config: str | os.PathLike | dict[str, Any] | JobConfig, overrides: d
                    "reused": n_frag - embedded + job.committed_before},
         parent=base_version,
         tombstones={"path": tomb_rel, "rows": int(len(dead))},
-        delta={**delta.summary(), "documents_embedded": len(delta_docs)},
+        delta={**delta.summary(), "documents_embedded": len(delta_docs), "rejected_when_embedded": len(late)},
         trained_rows=trained_rows,
     )

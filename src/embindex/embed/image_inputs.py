@@ -16,10 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..models.base import ImageProcessor
+from ..models.base import ImageNotSupported, ImageProcessor
 from ..sources.normalize import Reasons
 
 PIXEL_COLUMNS = ("pixels", "height", "width")
+# raster formats only: Pillow would otherwise also open e.g. EPS (which runs Ghostscript on the data)
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG also opens MPO (phones)
 
 
 class ImageRejected(ValueError):
@@ -33,10 +35,13 @@ def decode_image(data: bytes, max_pixels: int) -> Any:
     from PIL import Image
 
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         w, h = im.size
+    except Image.DecompressionBombError as e:
+        raise ImageRejected(Reasons.IMAGE_TOO_LARGE, str(e)) from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is a reject, never a crashed worker
-        raise ImageRejected(Reasons.IMAGE_UNREADABLE, f"not a readable image ({type(e).__name__}: {e})") from None
+        raise ImageRejected(Reasons.IMAGE_UNREADABLE, f"not a readable {'/'.join(IMAGE_FORMATS)} image "
+                            f"({type(e).__name__}: {e})") from None
     if w * h > max_pixels:
         raise ImageRejected(Reasons.IMAGE_TOO_LARGE, f"image is {w}x{h} = {w * h} pixels > max_image_pixels "
                             f"{max_pixels}")
@@ -67,6 +72,17 @@ def open_image(image: Any, max_pixels: int = 64_000_000) -> Any:
     raise TypeError(f"an image must be a PIL image, bytes or a path, got {type(image).__name__}")
 
 
+def prepare(processor: ImageProcessor, image: Any) -> np.ndarray:
+    """The processor's uint8 pixels; an image it cannot take (or fails on) is an ImageRejected."""
+    try:
+        return processor(image)
+    except ImageNotSupported as e:
+        raise ImageRejected(Reasons.IMAGE_UNSUPPORTED, str(e)) from None
+    except (ValueError, OSError, MemoryError) as e:  # e.g. a mode conversion Pillow cannot do
+        raise ImageRejected(Reasons.IMAGE_UNREADABLE, f"cannot prepare the {image.mode} {image.size[0]}x"
+                            f"{image.size[1]} image ({type(e).__name__}: {e})") from None
+
+
 def prepare_image_rows(batch: pa.Table, processor: ImageProcessor | None, model: str,
                        max_pixels: int) -> pa.Table:
     """Replace the `image` column by the prepared `pixels` / `height` / `width` columns; image rows that
@@ -84,7 +100,7 @@ def prepare_image_rows(batch: pa.Table, processor: ImageProcessor | None, model:
         try:
             if processor is None:
                 raise ImageRejected(Reasons.UNSUPPORTED_MODALITY, f"model family {model!r} embeds text only")
-            arr = processor(decode_image(images[int(i)].as_py(), max_pixels))
+            arr = prepare(processor, decode_image(images[int(i)].as_py(), max_pixels))
         except ImageRejected as e:
             reject[i], detail[i] = e.reason, e.detail
             continue

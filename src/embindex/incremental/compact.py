@@ -65,7 +65,7 @@ def compact(uri: str, storage: dict[str, Any] | None = None, threshold: float = 
     outputs = json.loads(json.dumps(base.outputs))
     mv = outputs.get("multivector")
     if mv and mv.get("token_index"):
-        rel, n = build_token_index(store, paths, base.dim, run_id)
+        rel, n = build_token_index(store, paths, int(mv.get("dim") or base.dim), run_id)
         mv["token_index"] = {**mv["token_index"], "file": rel, "vectors": n}
     rows = sum(s.rows for s in shards)
     manifest = base.model_copy(deep=True, update={

@@ -53,6 +53,13 @@ class ModelError(ValueError):
     """A checkpoint or request the model code does not support."""
 
 
+class ImageNotSupported(ModelError):
+    """An image the model's processor cannot take (e.g. an extreme aspect ratio): a reject, not a failure."""
+
+
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's limit; also bounds the resize memory of shortest-side processors
+
+
 @dataclass
 class TokenizedText:
     """One text's model input with each token's character span in the text (without the prefix).

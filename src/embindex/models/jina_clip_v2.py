@@ -38,6 +38,8 @@ import numpy as np
 import torch
 
 from .base import (
+    MAX_ASPECT_RATIO,
+    ImageNotSupported,
     ImageProcessor,
     ModelError,
     ModelFamily,
@@ -250,7 +252,9 @@ class JinaClipV2ImageProcessor(ImageProcessor):
     def __call__(self, image: Any) -> np.ndarray:
         w, h = image.size
         if w <= 0 or h <= 0:
-            raise ModelError(f"empty image ({w}x{h})")
+            raise ImageNotSupported(f"empty image ({w}x{h})")
+        if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:  # the shortest-side resize would blow up the long side
+            raise ImageNotSupported(f"image aspect ratio {max(w, h) / min(w, h):.1f} exceeds {MAX_ASPECT_RATIO}")
         nw, nh = self.resized_size(w, h)
         if (nw, nh) != (w, h):
             image = image.resize((nw, nh), self.resample)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from ..index import tiers
 from ..index.manifest import Manifest
@@ -85,10 +86,14 @@ class IndexReader:
         chunks: list[dict | None] = []
         modalities: list[str | None] = []
         for shard in self.manifest.shards:
-            t = read_table(self.storage, shard.path, columns=["id", "meta", "chunk", "start", "end", "modality"])
+            try:
+                t = read_table(self.storage, shard.path, columns=["id", "meta", "chunk", "start", "end", "modality"])
+                modalities.extend(t.column("modality").to_pylist())
+            except pa.ArrowInvalid:  # a shard written before image support: text rows
+                t = read_table(self.storage, shard.path, columns=["id", "meta", "chunk", "start", "end"])
+                modalities.extend(["text"] * t.num_rows)
             ids.extend(t.column("id").to_pylist())
             metas.extend(t.column("meta").to_pylist())
-            modalities.extend(t.column("modality").to_pylist())
             chunks.extend(None if c is None else {"index": c, "start": s, "end": e} for c, s, e in
                           zip(*(t.column(n).to_pylist() for n in ("chunk", "start", "end"))))
         self._docs = (ids, metas)

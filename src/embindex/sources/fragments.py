@@ -51,21 +51,28 @@ def _fragment_id(fmt: str, infos: list[pafs.FileInfo], extra: Any = None) -> str
 
 
 def plan_fragments(fs: pafs.FileSystem, files: list[str], fmt: str, fragment_rows: int,
-                   fragment_files: int, fragment_bytes: int = 256 << 20) -> list[Fragment]:
+                   fragment_files: int, fragment_bytes: int = 256 << 20, fragment_images: int = 256,
+                   image_column: str | None = None) -> list[Fragment]:
     """Split the corpus files into fragments (deterministic order and ids). A fragment closes before it
     would pass `fragment_rows` Parquet rows or `fragment_files` files, or `fragment_bytes` of data
-    (uncompressed Parquet row groups, file sizes): image corpora get fewer rows per block."""
+    (uncompressed Parquet row groups, file sizes), or `fragment_images` rows where rows hold images
+    (Parquet files with `image_column`, image folders): prepared pixels are larger than encoded images."""
     infos = fs.get_file_info(files)
     frags: list[Fragment] = []
+    if fmt in ("images", "mixed"):
+        fragment_files = min(fragment_files, fragment_images)
     if fmt == "parquet":
         for info in infos:
             with fs.open_input_file(info.path) as f:
                 meta = pq.ParquetFile(f).metadata
+            max_rows = fragment_rows
+            if image_column and image_column in meta.schema.to_arrow_schema().names:
+                max_rows = min(fragment_rows, fragment_images)
             groups: list[int] = []
             rows = size = 0
             for g in range(meta.num_row_groups):
                 n, nbytes = meta.row_group(g).num_rows, meta.row_group(g).total_byte_size
-                if groups and (rows + n > fragment_rows or size + nbytes > fragment_bytes):
+                if groups and (rows + n > max_rows or size + nbytes > fragment_bytes):
                     frags.append(Fragment(_fragment_id(fmt, [info], groups), fmt, (info.path,), tuple(groups), rows))
                     groups, rows, size = [], 0, 0
                 groups.append(g)
@@ -132,18 +139,22 @@ def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
         return f.read()
 
 
-def _image_ref_path(ref: str, fs: pafs.FileSystem, root: str) -> str:
+def _image_ref_path(ref: str, fs: pafs.FileSystem, root: str, allowed: str) -> str:
     """A row's image reference as a path on the source filesystem: URIs must live on the source's store,
-    relative paths resolve against the corpus root."""
+    relative paths resolve against the corpus root, and the result must lie under `allowed`."""
     if "://" in ref:
         scheme, rest = ref.split("://", 1)
         kind = {"s3a": "s3", "file": "local", "gs": "gcs"}.get(scheme, scheme)
-        if kind not in fs.type_name:
+        if not scheme or kind not in fs.type_name:
             raise ValueError(f"image URI {ref!r} is not on the source's filesystem ({fs.type_name})")
-        return rest
-    if ref.startswith("/"):
-        return ref
-    return posixpath.normpath(posixpath.join(root, ref))
+        path = posixpath.normpath(rest)
+    else:
+        path = posixpath.normpath(ref if ref.startswith("/") else posixpath.join(root, ref))
+    allowed = posixpath.normpath(allowed)
+    if path != allowed and not path.startswith(allowed.rstrip("/") + "/"):
+        raise ValueError(f"image reference {ref!r} resolves outside {allowed!r} (set source.image_root to "
+                         "allow another prefix)")
+    return path
 
 
 def load_image_refs(rows: list[dict[str, Any]], fs: pafs.FileSystem, root: str, rules: RowRules) -> list[dict[str, Any]]:
@@ -155,7 +166,7 @@ def load_image_refs(rows: list[dict[str, Any]], fs: pafs.FileSystem, root: str, 
         ref = row.pop("image_ref", None)
         if ref is not None:
             try:
-                path = _image_ref_path(ref, fs, root)
+                path = _image_ref_path(ref, fs, root, rules.image_root or root)
                 info = fs.get_file_info(path)
                 if info.type != pafs.FileType.File:
                     raise FileNotFoundError("no such file")

@@ -48,6 +48,7 @@ class Reasons:
     UNREADABLE_FILE = "unreadable_file"
     IMAGE_UNREADABLE = "image_unreadable"
     IMAGE_TOO_LARGE = "image_too_large"
+    IMAGE_UNSUPPORTED = "image_unsupported"
     UNSUPPORTED_MODALITY = "unsupported_modality"
 
 
@@ -57,7 +58,8 @@ class RowRules:
     text_column: str = "text"
     metadata_columns: tuple[str, ...] | None = None
     max_text_bytes: int = 1_000_000
-    image_column: str | None = "image"
+    image_column: str | None = None
+    image_root: str | None = None  # filesystem path image references must lie under (None: the corpus root)
     max_image_bytes: int = 32_000_000
     image_extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import ray.data
 
 from ..config import SourceConfig
-from ..storage import arrow_filesystem, fsspec_filesystem, is_remote, strip_scheme
+from ..storage import arrow_filesystem, fsspec_filesystem, is_remote, scheme_of, strip_scheme
 from .fragments import Fragment, plan_fragments, read_fragment
 from .normalize import RowRules, to_table
 
@@ -30,6 +30,7 @@ def rules_for(cfg: SourceConfig) -> RowRules:
         metadata_columns=tuple(cfg.metadata_columns) if cfg.metadata_columns is not None else None,
         max_text_bytes=cfg.max_text_bytes,
         image_column=cfg.image_column,
+        image_root=strip_scheme(cfg.image_root) if cfg.image_root else None,
         max_image_bytes=cfg.max_image_bytes,
         image_extensions=tuple(e.lower() for e in cfg.image_extensions),
     )
@@ -121,6 +122,8 @@ class Corpus:
 def open_corpus(cfg: SourceConfig) -> Corpus:
     """List, detect the format and plan the fragments of the source."""
     cfg = cfg.model_copy(update={"uri": resolve_source_uri(cfg.uri)})
+    if cfg.image_root and scheme_of(cfg.image_root) != scheme_of(cfg.uri):
+        raise ValueError(f"source.image_root {cfg.image_root!r} must be on the same store as source.uri")
     files = list_files(cfg)
     fmt = detect_format(cfg, files)
     files = _select(files, fmt, cfg)
@@ -128,5 +131,6 @@ def open_corpus(cfg: SourceConfig) -> Corpus:
     root = strip_scheme(cfg.uri)
     if len(files) == 1 and files[0] == root:
         root = posixpath.dirname(root) if is_remote(cfg.uri) else os.path.dirname(root)
-    frags = plan_fragments(fs, files, fmt, cfg.fragment_rows, cfg.fragment_files, cfg.fragment_bytes)
+    frags = plan_fragments(fs, files, fmt, cfg.fragment_rows, cfg.fragment_files, cfg.fragment_bytes,
+                           cfg.fragment_images, cfg.image_column)
     return Corpus(cfg.uri, fmt, files, frags, fs, rules_for(cfg), root)
