@@ -95,7 +95,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
-from machine_info import cpu_name
+from machine_info import cpu_name, loadavg, log
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,17 +120,6 @@ V4_LORA = {"r": 32, "lora_alpha": 32}
 V4_MAX_PIXELS, V4_MIN_PIXELS = 768 * 28 * 28, 3136
 
 DEFAULT_SIZES = "1280x960,1280x960,1280x960,1280x960,1920x1080,960x1280,1024x1024,4032x3024"
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def loadavg() -> str:
-    try:
-        return "{:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg())
-    except OSError:
-        return "?"
 
 
 def header_shapes(file: Path) -> dict[str, tuple[int, ...]]:

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import sys
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def loadavg() -> str:
+    try:
+        return "{:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg())
+    except OSError:
+        return "?"
 
 
 def cpu_name() -> str:

@@ -57,7 +57,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
-from machine_info import cpu_name
+from machine_info import cpu_name, loadavg, log
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,17 +80,6 @@ GPU_BF16_PEAK_TFLOPS: list[tuple[str, float]] = [
     ("l40s", 362.1),
     ("l4", 121.0),
 ]
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def loadavg() -> str:
-    try:
-        return "{:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg())
-    except OSError:
-        return "?"
 
 
 # ------------------------------------------------------------------------------ the checkpoint

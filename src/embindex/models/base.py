@@ -233,6 +233,19 @@ def read_json(path: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
+def load_tokenizer_file(path: str, max_length: int) -> Any:
+    """`<path>/tokenizer.json` as a `tokenizers.Tokenizer`, no padding, truncation at `max_length`."""
+    from tokenizers import Tokenizer
+
+    tok_file = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(tok_file):
+        raise ModelError(f"{path}: no tokenizer.json")
+    tok = Tokenizer.from_file(tok_file)
+    tok.no_padding()
+    tok.enable_truncation(max_length=max_length)
+    return tok
+
+
 def read_config(path: str) -> dict[str, Any]:
     """`<path>/config.json`, or a ModelError saying the directory is not a checkpoint."""
     cfg = read_json(os.path.join(path, "config.json"))

@@ -28,10 +28,6 @@ import numpy as np
 import torch
 
 from .base import (
-    load_checked_state,
-    read_config,
-    read_json,
-    safetensors_files,
     ModelError,
     ModelFamily,
     ModelInfo,
@@ -40,8 +36,13 @@ from .base import (
     TextEncoder,
     TextTokenizer,
     last_token_pool,
+    load_checked_state,
+    load_tokenizer_file,
     pick_device,
+    read_config,
+    read_json,
     resolve_dtype,
+    safetensors_files,
 )
 
 QUERY_PREFIXES: dict[str, str] = {
@@ -100,14 +101,8 @@ class JinaCodeTokenizer(TextTokenizer):
     """Instruction prefix + text -> token ids with the checkpoint's own `tokenizer.json`."""
 
     def __init__(self, path: str, max_length: int, default_task: str | None):
-        from tokenizers import Tokenizer
-
+        self.tok = load_tokenizer_file(path, max_length)
         tok_file = os.path.join(path, "tokenizer.json")
-        if not os.path.exists(tok_file):
-            raise ModelError(f"{path}: no tokenizer.json")
-        self.tok = Tokenizer.from_file(tok_file)
-        self.tok.no_padding()
-        self.tok.enable_truncation(max_length=max_length)
         self.max_length = max_length
         self.default_task = default_task
         tok_cfg = read_json(os.path.join(path, "tokenizer_config.json")) or {}

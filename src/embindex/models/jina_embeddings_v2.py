@@ -29,10 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import (
-    load_checked_state,
-    read_config,
-    read_json,
-    safetensors_files,
     POOLERS,
     ModelError,
     ModelFamily,
@@ -43,8 +39,13 @@ from .base import (
     TextTokenizer,
     TokenizedText,
     leading_prefix_tokens,
+    load_checked_state,
+    load_tokenizer_file,
     pick_device,
+    read_config,
+    read_json,
     resolve_dtype,
+    safetensors_files,
     text_offsets,
 )
 
@@ -293,14 +294,7 @@ class JinaBertTokenizer(TextTokenizer):
     padding_side = "right"
 
     def __init__(self, path: str, max_length: int):
-        from tokenizers import Tokenizer
-
-        tok_file = os.path.join(path, "tokenizer.json")
-        if not os.path.exists(tok_file):
-            raise ModelError(f"{path}: no tokenizer.json")
-        self.tok = Tokenizer.from_file(tok_file)
-        self.tok.no_padding()
-        self.tok.enable_truncation(max_length=max_length)
+        self.tok = load_tokenizer_file(path, max_length)
         self.max_length = max_length
         tok_cfg = read_json(os.path.join(path, "tokenizer_config.json")) or {}
         pad = tok_cfg.get("pad_token", "[PAD]")

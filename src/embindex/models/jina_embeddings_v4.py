@@ -45,6 +45,7 @@ from .base import (
     PrefixTokenizer,
     Role,
     TextEncoder,
+    load_tokenizer_file,
     mean_pool,
     pick_device,
     read_config,
@@ -227,14 +228,7 @@ class JinaV4Tokenizer(PrefixTokenizer):
     add_special_tokens = False
 
     def __init__(self, path: str, max_length: int, tasks: Sequence[str], default_task: str):
-        from tokenizers import Tokenizer
-
-        tok_file = os.path.join(path, "tokenizer.json")
-        if not os.path.exists(tok_file):
-            raise ModelError(f"{path}: no tokenizer.json")
-        self.tok = Tokenizer.from_file(tok_file)
-        self.tok.no_padding()
-        self.tok.enable_truncation(max_length=max_length)
+        self.tok = load_tokenizer_file(path, max_length)
         self.max_length = max_length
         self.tasks = list(tasks)
         self.default_task = default_task
