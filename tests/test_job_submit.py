@@ -40,10 +40,16 @@ RAY = str(BIN / "ray")
 N_DOCS = 200
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (all sockets held open together, so no port is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _cluster_env() -> dict[str, str]:
@@ -120,11 +126,11 @@ def _stop_cluster(pgid: int, marker: str) -> None:
 def head_cluster():
     """`ray start --head` on free loopback ports in a private temp dir; yields the dashboard address."""
     temp_dir = tempfile.mkdtemp(prefix="ejs", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
-    dash = _free_port()
-    ports = {"--port": _free_port(), "--dashboard-port": dash, "--ray-client-server-port": _free_port(),
-             "--node-manager-port": _free_port(), "--object-manager-port": _free_port(),
-             "--metrics-export-port": _free_port(), "--dashboard-agent-listen-port": _free_port(),
-             "--dashboard-agent-grpc-port": _free_port(), "--runtime-env-agent-port": _free_port()}
+    names = ["--port", "--dashboard-port", "--ray-client-server-port", "--node-manager-port",
+             "--object-manager-port", "--metrics-export-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
+    ports = dict(zip(names, _free_ports(len(names))))
+    dash = ports["--dashboard-port"]
     cmd = [RAY, "start", "--head", "--num-cpus=3", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
            "--disable-usage-stats", f"--temp-dir={temp_dir}", "--min-worker-port=0", "--max-worker-port=0",
            f"--object-store-memory={256 * 1024 * 1024}", *(f"{k}={v}" for k, v in ports.items())]

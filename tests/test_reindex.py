@@ -44,7 +44,8 @@ def test_three_days_of_incremental_reindex(ray_cluster, s3_bucket):
     second = reindex(cfg, log=None)
     m = second.manifest
     assert second.version == "v000002" and m.parent == "v000001"
-    assert m.delta == {"added": 40, "changed": 5, "deleted": 5, "unchanged": 110, "documents_embedded": 45}
+    assert m.delta == {"added": 40, "changed": 5, "deleted": 5, "unchanged": 110, "documents_embedded": 45,
+                       "rejected_when_embedded": 0}
     assert second.counts == {"rows_in": 156, "documents": 155, "chunks": 155, "vectors": 155, "rejected": 1}
     assert m.fragments["total"] == 4 and m.fragments["embedded"] == 3  # f1, f2 (its reject), f3
     assert m.tombstones["rows"] == 10
@@ -68,7 +69,7 @@ def test_three_days_of_incremental_reindex(ray_cluster, s3_bucket):
     third = reindex(cfg, log=None)
     assert third.manifest.delta["documents_embedded"] == 0
     assert third.manifest.delta == {"added": 0, "changed": 0, "deleted": 0, "unchanged": 155,
-                                    "documents_embedded": 0}
+                                    "documents_embedded": 0, "rejected_when_embedded": 0}
     assert third.counts["documents"] == 155 and third.manifest.tombstones["rows"] == 10
 
     # a full rebuild of the day-3 corpus serves the same documents with the same vectors
