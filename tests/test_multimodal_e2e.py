@@ -160,6 +160,10 @@ def test_image_folder_v4_multivector_from_s3(ray_cluster, s3_bucket):
     brute = maxsim_scores(q_tokens[0], stored)
     assert [h.id for h in hits] == [reader.ids[j] for j in np.argsort(-brute, kind="stable")[:7]]
     assert json.loads(json.dumps(hits[0].to_dict()))["modality"] in ("text", "image")
+    # a tiny token_k with a modality filter still finds k documents of that modality (the shortlist widens)
+    narrow = reader.search_multivector(["total of the invoice"], k=6, token_k=1, modality="image")[0]
+    assert len(narrow) == 6 and {h.modality for h in narrow} == {"image"}
+    assert [h.id for h in narrow] == [h.id for h in hits if h.modality == "image"]
 
 
 def test_v4_late_chunking_mixed_folder_and_image_rows_whole(ray_cluster, tmp_path):

@@ -257,16 +257,23 @@ class IndexReader:
         token_k = token_k or int(mv.get("token_k", 64))
         hidden = self.hidden_rows(modality)
         out = []
+        visible = self.stored_rows - int(hidden.size)
         for s, q in zip(single, q_tokens):
             if mv.get("token_index"):
                 if self._token_index is None:
                     self._token_index = tiers.deserialize(self.storage.read_bytes(mv["token_index"]["file"]))
-                cand = token_candidates(self._token_index, q, token_k)
+                tk = token_k
+                while True:  # widen until k visible documents are candidates (or every token was fetched)
+                    cand = token_candidates(self._token_index, q, tk)
+                    cand = cand[~tombstone_mask(cand, hidden)]
+                    if len(cand) >= min(k, visible) or tk >= self._token_index.ntotal:
+                        break
+                    tk *= 4
             else:
                 fetch = min(self.stored_rows, k * max(rescore, 1) + int(hidden.size))
                 _, rows = self.search_rows(s[None, :], k=fetch, tier=tier, rescore=1)
                 cand = rows[0][rows[0] >= 0]
-            cand = cand[~tombstone_mask(cand, hidden)]
+                cand = cand[~tombstone_mask(cand, hidden)]
             scores = maxsim_scores(q, [stored[i] for i in cand])
             order = np.argsort(-scores, kind="stable")[:k]
             out.append(self.hits(scores[order], cand[order]))
