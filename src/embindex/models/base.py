@@ -271,31 +271,35 @@ def safetensors_files(path: str) -> list[str]:
 
 
 def load_checked_state(path: str, expected: dict[str, torch.Tensor], rename: Callable[[str], str | None],
-                       dtype: torch.dtype, device: torch.device, layout: str) -> dict[str, torch.Tensor]:
+                       dtype: torch.dtype | None, device: torch.device | None, layout: str) -> dict[str, torch.Tensor]:
     """Read the checkpoint's safetensors into the model's key names and check them against `expected`:
-    `rename(key)` gives the model name (None: an ignored tensor); shapes must match; nothing may be
-    missing or left over. Floating tensors are cast to `dtype`."""
+    `rename(key)` gives the model name (None: an ignored tensor); shapes (from the file headers) must
+    match; nothing may be missing or left over. Floating tensors are cast to `dtype`; with `dtype=None`
+    only the headers are read (validation at load time) and an empty dict is returned."""
     from safetensors import safe_open
 
     state: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
     unexpected: list[str] = []
     for file in safetensors_files(path):
         with safe_open(file, framework="pt", device="cpu") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 name = rename(key)
                 if name is None:
                     continue
                 if name not in expected:
                     unexpected.append(key)
                     continue
-                t = f.get_tensor(key)
-                if tuple(t.shape) != tuple(expected[name].shape):
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(expected[name].shape):
                     raise ModelError(
-                        f"{path}: tensor {key} has shape {tuple(t.shape)}, config.json implies "
-                        f"{tuple(expected[name].shape)}"
+                        f"{path}: tensor {key} has shape {shape}, config.json implies {tuple(expected[name].shape)}"
                     )
-                state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-    missing = sorted(set(expected) - set(state))
+                seen.add(name)
+                if dtype is not None:
+                    t = f.get_tensor(key)
+                    state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    missing = sorted(set(expected) - seen)
     if missing or unexpected:
         raise ModelError(
             f"{path}: not a {layout} checkpoint in the expected layout; "

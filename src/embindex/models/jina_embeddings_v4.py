@@ -45,13 +45,13 @@ from .base import (
     PrefixTokenizer,
     Role,
     TextEncoder,
+    load_checked_state,
     load_tokenizer_file,
     mean_pool,
     pick_device,
     read_config,
     read_json,
     resolve_dtype,
-    safetensors_files,
 )
 from .qwen2_vl_images import QwenVLImageConfig, QwenVLImageProcessor, flatten_patches
 
@@ -187,39 +187,9 @@ def _read_adapters(path: str, module: nn.Module, tasks: Sequence[str], load: boo
 
 def load_base_state(path: str, expected: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
                     device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """Read the base weights into `_V4Module` names (either key layout), checking names and shapes against
-    `expected` (built from config.json); nothing may be missing or left over. With `dtype=None` only the
-    headers are read (validation) and an empty dict is returned."""
-    from safetensors import safe_open
-
-    state: dict[str, torch.Tensor] = {}
-    seen: set[str] = set()
-    unexpected: list[str] = []
-    for file in safetensors_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                name = base_key(key)
-                if name is None:
-                    continue
-                if name not in expected:
-                    unexpected.append(key)
-                    continue
-                shape = tuple(f.get_slice(key).get_shape())
-                if shape != tuple(expected[name].shape):
-                    raise ModelError(
-                        f"{path}: tensor {key} has shape {shape}, config.json implies {tuple(expected[name].shape)}"
-                    )
-                seen.add(name)
-                if dtype is not None:
-                    t = f.get_tensor(key)
-                    state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-    missing = sorted(set(expected) - seen)
-    if missing or unexpected:
-        raise ModelError(
-            f"{path}: not a jina-embeddings-v4 checkpoint in a known layout; missing {len(missing)} tensors "
-            f"{missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}"
-        )
-    return state
+    """The base weights in `_V4Module` names (either key layout), checked against `expected` (built from
+    config.json); with `dtype=None` only the headers are checked."""
+    return load_checked_state(path, expected, base_key, dtype, device, "jina-embeddings-v4")
 
 
 class JinaV4Tokenizer(PrefixTokenizer):
