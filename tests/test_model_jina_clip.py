@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from conftest import pooled_batch
 from embindex.models import ModelError, ModelSpec, load_family
 from embindex.models.embedder import Embedder
 from embindex.text.batching import pad_batch
@@ -45,16 +46,6 @@ def family():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(family):
-    return family.load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def encoder(family):
-    return family.load_encoder("cpu")
-
-
-@pytest.fixture(scope="module")
 def processor(family):
     return family.load_image_processor()
 
@@ -62,13 +53,6 @@ def processor(family):
 @pytest.fixture(scope="module")
 def pixels(processor):
     return [processor(Image.open(FIX / f)) for f in IMAGES]
-
-
-def _pooled(tokenizer, encoder, ids, task=None) -> np.ndarray:
-    input_ids, mask = pad_batch(ids, tokenizer.pad_token_id)
-    out = encoder.forward_pooled(torch.from_numpy(input_ids), torch.from_numpy(mask), task)
-    assert out.dtype == torch.float32
-    return out.numpy()
 
 
 # ---------------------------------------------------------------------------------------------- info
@@ -122,7 +106,7 @@ def test_offsets(tokenizer):
 @pytest.mark.parametrize("key", list(ROLE))
 def test_text_embeddings(tokenizer, encoder, key):
     gold = GOLD["text"][key]
-    got = _pooled(tokenizer, encoder, tokenizer(TEXTS, ROLE[key]), gold["task_arg"])
+    got = pooled_batch(tokenizer, encoder, tokenizer(TEXTS, ROLE[key]), gold["task_arg"])
     _close(got, gold["unnormalized"]["values"], ATOL_RAW)
     for d in DIMS:
         _close(_normalize(got[:, :d]), gold["normalized"][str(d)]["values"], ATOL_NORM)
@@ -130,15 +114,15 @@ def test_text_embeddings(tokenizer, encoder, key):
 
 def test_lora_is_applied(tokenizer, encoder):
     """Every row runs with the retrieval.query LoRA: the no-LoRA backbone output is far from ours."""
-    got = _pooled(tokenizer, encoder, tokenizer(TEXTS, "document"))
+    got = pooled_batch(tokenizer, encoder, tokenizer(TEXTS, "document"))
     base = np.asarray(GOLD["text"]["debug_no_lora_no_instruction_unnormalized"]["values"], np.float32)
     assert np.abs(got - base).max() > 0.1
 
 
 def test_text_batch_of_one_equals_batched(tokenizer, encoder):
     ids = tokenizer(TEXTS, "query")
-    batched = _pooled(tokenizer, encoder, ids)
-    single = np.concatenate([_pooled(tokenizer, encoder, [x]) for x in ids])
+    batched = pooled_batch(tokenizer, encoder, ids)
+    single = np.concatenate([pooled_batch(tokenizer, encoder, [x]) for x in ids])
     np.testing.assert_allclose(single, batched, atol=1e-5, rtol=0)
 
 
@@ -215,7 +199,7 @@ def test_embedder_images_end_to_end(family, tokenizer, encoder):
 
 
 def test_clip_logits(tokenizer, encoder, pixels):
-    text = _pooled(tokenizer, encoder, tokenizer(TEXTS, "document"))
+    text = pooled_batch(tokenizer, encoder, tokenizer(TEXTS, "document"))
     image = encoder.forward_images(pixels)[0].numpy()
     assert float(encoder.logit_scale) == pytest.approx(GOLD["forward"]["logit_scale_param"])
     logits = _normalize(text) @ _normalize(image).T * np.exp(float(encoder.logit_scale))
@@ -323,7 +307,7 @@ def test_backbone_sizes_derived_from_tensors(tmp_path, pixels):
             fam.cfg.num_attention_heads) == (1501, 32, 128, 2, 2)
     tok, enc = fam.load_tokenizer(), fam.load_encoder("cpu")
     for key, gold in ((k, GOLD["text"][k]) for k in ROLE):
-        got = _pooled(tok, enc, tok(TEXTS, ROLE[key]), gold["task_arg"])
+        got = pooled_batch(tok, enc, tok(TEXTS, ROLE[key]), gold["task_arg"])
         _close(got, gold["unnormalized"]["values"], ATOL_RAW)
         for d in DIMS:
             _close(_normalize(got[:, :d]), gold["normalized"][str(d)]["values"], ATOL_NORM)

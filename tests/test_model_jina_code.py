@@ -12,13 +12,12 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import pooled_batch
 from embindex.models import ModelError, ModelSpec, load_family
 from embindex.models.embedder import Embedder, l2_normalize
 from embindex.models.jina_code_embeddings import TASKS, matryoshka_dims
-from embindex.text.batching import pad_batch
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "jina-code-embeddings-tiny")
 GOLDEN = json.load(open(os.path.join(FIXTURE, "golden.json")))
@@ -35,11 +34,6 @@ def spec(task: str | None = "nl2code", path: str = FIXTURE, **kw) -> ModelSpec:
 @pytest.fixture(scope="module")
 def family():
     return load_family(spec())
-
-
-def _pooled(tokenizer, encoder, ids, side: str) -> np.ndarray:
-    input_ids, mask = pad_batch(ids, tokenizer.pad_token_id, side)
-    return encoder.forward_pooled(torch.from_numpy(input_ids), torch.from_numpy(mask)).numpy()
 
 
 def _assert_close(got: np.ndarray, want: np.ndarray, atol: float) -> None:
@@ -67,7 +61,7 @@ def test_token_ids_and_prefixes(tokenizer, task, role):
 def test_embeddings_match_goldens(tokenizer, encoder, task, role):
     gold = GOLDEN["tasks"][f"{task}.{role}"]
     ids = tokenizer(TEXTS, "query" if role == "query" else "document", task)
-    right = _pooled(tokenizer, encoder, ids, "right")
+    right = pooled_batch(tokenizer, encoder, ids, side="right")
     want = np.asarray(gold["last_token_unnormalized"]["values"], dtype=np.float64)
     assert right.shape == tuple(gold["last_token_unnormalized"]["shape"])
     _assert_close(right, want, atol=ATOL)
@@ -76,7 +70,7 @@ def test_embeddings_match_goldens(tokenizer, encoder, task, role):
         assert list(g["shape"]) == [len(TEXTS), dim]
         _assert_close(l2_normalize(right[:, :dim]), np.asarray(g["values"]), atol=ATOL)
     # left padding: same token pooled, positions counted from the first real token
-    left = _pooled(tokenizer, encoder, ids, "left")
+    left = pooled_batch(tokenizer, encoder, ids, side="left")
     tol = max(2e-5, GOLDEN["left_padding_max_abs_diff"])
     _assert_close(left, want, atol=tol)
     for dim in GOLDEN["matryoshka_dimensions"]:
@@ -96,9 +90,9 @@ def test_embedder_end_to_end(family):
 
 def test_single_rows_match_batch(tokenizer, encoder):
     ids = tokenizer(TEXTS, "document", "qa")
-    batch = _pooled(tokenizer, encoder, ids, "right")
+    batch = pooled_batch(tokenizer, encoder, ids, side="right")
     for i, row in enumerate(ids):
-        np.testing.assert_allclose(_pooled(tokenizer, encoder, [row], "right")[0], batch[i], atol=2e-5, rtol=0)
+        np.testing.assert_allclose(pooled_batch(tokenizer, encoder, [row], side="right")[0], batch[i], atol=2e-5, rtol=0)
 
 
 def test_info_and_query_prefixes(family):
@@ -162,7 +156,7 @@ def test_causal_lm_layout(tmp_path, tokenizer):
     enc = load_family(spec(path=str(d))).load_encoder("cpu")
     ids = tokenizer(TEXTS, "query", "nl2code")
     want = np.asarray(GOLDEN["tasks"]["nl2code.query"]["last_token_unnormalized"]["values"])
-    np.testing.assert_allclose(_pooled(tokenizer, enc, ids, "right"), want, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(pooled_batch(tokenizer, enc, ids, side="right"), want, atol=ATOL, rtol=0)
 
 
 def test_bad_checkpoints(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
+from conftest import pooled_batch
 from embindex.models import ModelError, ModelSpec, load_family
 from embindex.models.embedder import Embedder
 from embindex.models.jina_embeddings_v2 import alibi_bias, alibi_slopes
@@ -197,11 +198,6 @@ def reference_pooled(w, ids, **kw) -> np.ndarray:
     return reference_tokens(w, ids, **kw).mean(0)
 
 
-def _pooled(tokenizer, encoder, ids, side="right") -> np.ndarray:
-    input_ids, mask = pad_batch(ids, tokenizer.pad_token_id, side)
-    return encoder.forward_pooled(torch.from_numpy(input_ids), torch.from_numpy(mask)).numpy()
-
-
 # ---------------------------------------------------------------------------------------------------
 # ALiBi
 # ---------------------------------------------------------------------------------------------------
@@ -266,7 +262,7 @@ def test_info(family):
 def test_matches_independent_reference(tokenizer, encoder):
     ids = tokenizer(TEXTS, "document")
     assert len({len(x) for x in ids}) > 2  # real padding in the batch
-    got = _pooled(tokenizer, encoder, ids)
+    got = pooled_batch(tokenizer, encoder, ids)
     w = _weights()
     for i, row in enumerate(ids):
         np.testing.assert_allclose(got[i], reference_pooled(w, row), atol=2e-5, rtol=0)
@@ -282,9 +278,9 @@ def test_token_states_match_reference(encoder, tokenizer):
 
 def test_padding_does_not_change_rows(tokenizer, encoder):
     ids = tokenizer(TEXTS, "document")
-    right = _pooled(tokenizer, encoder, ids, "right")
-    left = _pooled(tokenizer, encoder, ids, "left")
-    alone = np.stack([_pooled(tokenizer, encoder, [row])[0] for row in ids])
+    right = pooled_batch(tokenizer, encoder, ids, side="right")
+    left = pooled_batch(tokenizer, encoder, ids, side="left")
+    alone = np.stack([pooled_batch(tokenizer, encoder, [row])[0] for row in ids])
     np.testing.assert_allclose(right, alone, atol=1e-5, rtol=0)
     np.testing.assert_allclose(left, alone, atol=1e-5, rtol=0)
     # different pad ids under the mask change nothing either
@@ -311,7 +307,7 @@ def test_bert_prefix_and_ignored_heads(tmp_path, tokenizer):
     path = make_checkpoint(tmp_path / "prefixed", weights=w)
     enc = load_family(spec(path)).load_encoder("cpu")
     ids = tokenizer(TEXTS[:3], "document")
-    got = _pooled(tokenizer, enc, ids)
+    got = pooled_batch(tokenizer, enc, ids)
     for i, row in enumerate(ids):
         np.testing.assert_allclose(got[i], reference_pooled(w, row, prefix="bert."), atol=2e-5, rtol=0)
 
@@ -320,7 +316,7 @@ def test_reglu_variant(tmp_path, tokenizer):
     path = make_checkpoint(tmp_path / "reglu", feed_forward_type="reglu")
     enc = load_family(spec(path)).load_encoder("cpu")
     ids = tokenizer(TEXTS[:2], "document")
-    got = _pooled(tokenizer, enc, ids)
+    got = pooled_batch(tokenizer, enc, ids)
     for i, row in enumerate(ids):
         want = reference_pooled(_weights(), row, act=lambda x: np.maximum(x, 0.0))
         np.testing.assert_allclose(got[i], want, atol=2e-5, rtol=0)
@@ -330,7 +326,7 @@ def test_bfloat16_runs(ckpt, tokenizer):
     enc = load_family(spec(ckpt, dtype="bfloat16")).load_encoder("cpu")
     assert enc.model.encoder.layer[0].mlp.wo.weight.dtype == torch.bfloat16
     ids = tokenizer(TEXTS, "document")
-    got = _pooled(tokenizer, enc, ids)
+    got = pooled_batch(tokenizer, enc, ids)
     assert got.dtype == np.float32
     w = _weights()
     for i, row in enumerate(ids):

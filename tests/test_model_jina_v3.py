@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import pooled_batch
 from embindex.models import ModelError, ModelSpec, load_family
 from embindex.models.embedder import Embedder
 from embindex.models.jina_embeddings_v3 import NO_TASK
-from embindex.text.batching import pad_batch
 
 FIX = Path(__file__).parent / "fixtures" / "jina-embeddings-v3-tiny"
 NAME = "jina-embeddings-v3"
@@ -47,13 +47,6 @@ def _close(got: np.ndarray, want, atol: float = ATOL) -> None:
 @pytest.fixture(scope="module")
 def family():
     return load_family(ModelSpec(name=NAME, path=str(FIX), dtype="float32"))
-
-
-def _pooled(tokenizer, encoder, ids, task) -> np.ndarray:
-    input_ids, mask = pad_batch(ids, tokenizer.pad_token_id)
-    out = encoder.forward_pooled(torch.from_numpy(input_ids), torch.from_numpy(mask), task)
-    assert out.dtype == torch.float32
-    return out.numpy()
 
 
 def test_info(family):
@@ -90,7 +83,7 @@ def test_prefix_follows_role_for_retrieval(tokenizer):
 def test_task_goldens(tokenizer, encoder, key):
     """Every task (and the no-task base weights): pooled vectors and every Matryoshka width."""
     gold = GOLD["tasks"][key]
-    pooled = _pooled(tokenizer, encoder, tokenizer(TEXTS, _role(key), _task(key)), _task(key))
+    pooled = pooled_batch(tokenizer, encoder, tokenizer(TEXTS, _role(key), _task(key)), _task(key))
     _close(pooled, gold["mean_pooled_unnormalized"]["values"])
     assert sorted(map(int, gold["embeddings"])) == GOLD["matryoshka_dimensions"]
     for d, emb in gold["embeddings"].items():
@@ -99,8 +92,8 @@ def test_task_goldens(tokenizer, encoder, key):
 
 def test_one_at_a_time_equals_batch(tokenizer, encoder):
     ids = tokenizer(TEXTS, "document", "retrieval.passage")
-    batch = _pooled(tokenizer, encoder, ids, "retrieval.passage")
-    single = np.concatenate([_pooled(tokenizer, encoder, [x], "retrieval.passage") for x in ids])
+    batch = pooled_batch(tokenizer, encoder, ids, "retrieval.passage")
+    single = np.concatenate([pooled_batch(tokenizer, encoder, [x], "retrieval.passage") for x in ids])
     np.testing.assert_allclose(single, batch, atol=1e-5, rtol=0)
 
 
@@ -108,18 +101,18 @@ def test_mixed_task_batch(tokenizer, encoder):
     """Per-row tasks in one padded batch, and the same rows grouped per task."""
     mixed = GOLD["mixed_task_batch"]
     ids = [np.asarray(GOLD["tasks"][t]["input_ids"][i]) for t, i in zip(mixed["tasks"], mixed["text_indices"])]
-    pooled = _pooled(tokenizer, encoder, ids, mixed["tasks"])
+    pooled = pooled_batch(tokenizer, encoder, ids, mixed["tasks"])
     _close(pooled, mixed["mean_pooled_unnormalized"]["values"])
     _close(_normalize(pooled), mixed["embeddings_full_dim_normalized"]["values"])
     for task in set(mixed["tasks"]):
         rows = [r for r, t in enumerate(mixed["tasks"]) if t == task]
-        grouped = _pooled(tokenizer, encoder, [ids[r] for r in rows], task)
+        grouped = pooled_batch(tokenizer, encoder, [ids[r] for r in rows], task)
         np.testing.assert_allclose(grouped, pooled[rows], atol=1e-5, rtol=0)
 
 
 def test_mixed_batch_with_base_rows(tokenizer, encoder):
     ids = tokenizer(TEXTS[:2], "document", NO_TASK) + tokenizer(TEXTS[:2], "document", "separation")
-    pooled = _pooled(tokenizer, encoder, ids, [NO_TASK, NO_TASK, "separation", "separation"])
+    pooled = pooled_batch(tokenizer, encoder, ids, [NO_TASK, NO_TASK, "separation", "separation"])
     _close(pooled[:2], GOLD["tasks"]["__no_task__"]["mean_pooled_unnormalized"]["values"][:2])
     _close(pooled[2:], GOLD["tasks"]["separation"]["mean_pooled_unnormalized"]["values"][:2])
 
@@ -167,7 +160,7 @@ def test_truncation_keeps_special_tokens():
 def test_bfloat16_close(tokenizer):
     enc = load_family(ModelSpec(name=NAME, path=str(FIX), dtype="bfloat16")).load_encoder("cpu")
     assert enc.dtype == torch.bfloat16
-    pooled = _pooled(tokenizer, enc, tokenizer(TEXTS, "query", "retrieval.query"), "retrieval.query")
+    pooled = pooled_batch(tokenizer, enc, tokenizer(TEXTS, "query", "retrieval.query"), "retrieval.query")
     want = np.asarray(GOLD["tasks"]["retrieval.query"]["embeddings"]["64"]["values"])
     assert (_normalize(pooled) * want).sum(-1).min() > 0.99
 

@@ -50,16 +50,6 @@ def family():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(family):
-    return family.load_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def encoder(family):
-    return family.load_encoder("cpu")
-
-
-@pytest.fixture(scope="module")
 def pixels(family):
     proc = family.load_image_processor()
     return [proc(Image.open(os.path.join(FIXTURE, f))) for f in IMAGES["files"]]
