@@ -75,9 +75,10 @@ class Embedder:
             vecs, keep = vecs.float().cpu().numpy(), keep.cpu().numpy()
             for b, i in enumerate(idx):
                 out[i] = vecs[b][keep[b]]
-                single[i] = out[i].mean(0) if pooled is None and len(out[i]) else single[i]
             if pooled is not None:
                 single[idx] = pooled.float().cpu().numpy()
+            else:  # the model has no single vector of its own: the mean of the kept token vectors
+                single[idx] = [out[i].mean(0) if len(out[i]) else single[i] for i in idx]
             if on_batch is not None:
                 on_batch(len(idx))
         return l2_normalize(single), out

@@ -52,6 +52,7 @@ class IndexReader:
         self._docs = None  # (ids, meta) of all rows in ordinal order
         self._chunks: list[dict | None] = []
         self._modalities: np.ndarray | None = None
+        self._hidden: dict[str, np.ndarray] = {}  # modality -> rows a search with that filter skips
         self._token_vectors: list[np.ndarray] | None = None
         self._token_index = None
         self._tombstones: np.ndarray | None = None
@@ -219,9 +220,11 @@ class IndexReader:
             return self.tombstones
         if modality not in ("text", "image"):
             raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
-        self.ids  # noqa: B018 - modalities load with the ids
-        other = np.flatnonzero(self._modalities != modality)
-        return np.union1d(self.tombstones, other).astype(np.int64)
+        if modality not in self._hidden:  # computed once per reader, not per query
+            self.ids  # noqa: B018 - modalities load with the ids
+            other = np.flatnonzero(self._modalities != modality)
+            self._hidden[modality] = np.union1d(self.tombstones, other).astype(np.int64)
+        return self._hidden[modality]
 
     def search_vectors(self, query_vectors: np.ndarray, k: int = 10, tier: int | None = None,
                        rescore: int | None = None, modality: str | None = None) -> list[list[Hit]]:
