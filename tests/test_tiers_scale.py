@@ -140,6 +140,26 @@ def test_flat_tiers_equal_brute_force(corpus, single_max):
         assert key in quality["tiers"]["16"]
 
 
+def test_corpus_inside_the_sample_builds_from_memory_like_from_shards(corpus, tmp_path, monkeypatch):
+    """A corpus that fits the reservoir is filled and scored from the sample: the same tier files and
+    quality report as streaming the shards again."""
+    from embindex.index import sampling
+
+    store, paths, _ = corpus
+    cfg = IndexConfig(uri=store.root, factory="Flat", quality_sample=60)
+    assert sampling.sample_shards(store, paths, 10_000, DIM).complete
+    assert not sampling.sample_shards(store, paths, 100, DIM).complete
+    built = {}
+    for mode in ("memory", "shards"):
+        if mode == "shards":
+            monkeypatch.setattr(sampling.ShardScan, "complete", property(lambda self: False))
+        entries, quality = build_tiers(store, paths, DIM, [16, 32, DIM], cfg, f"run-{mode}")
+        files = {e.dim: store.read_bytes(e.files[0]) for e in entries}
+        recalls = {d: {k: v for k, v in t.items() if k.startswith("recall")} for d, t in quality["tiers"].items()}
+        built[mode] = files, recalls, quality["funnel"].get("recall@10")
+    assert built["memory"] == built["shards"]
+
+
 def test_funnel_whose_shortlist_covers_the_corpus_is_exact(corpus):
     store, paths, stored = corpus
     n = len(stored)

@@ -77,6 +77,11 @@ class ShardScan:
     def total(self) -> int:
         return int(sum(self.rows))
 
+    @property
+    def complete(self) -> bool:
+        """The sample holds every row, in ordinal order (the corpus fits the reservoir)."""
+        return len(self.ordinals) == self.total
+
 
 def sample_shards(store: Storage, shard_paths: Sequence[str], capacity: int, dim: int,
                   seed: int = 0) -> ShardScan:

@@ -82,14 +82,15 @@ def _train(plans: Sequence[TierPlan], sample: np.ndarray) -> None:
 
 def _fill_single(store: Storage, shard_paths: Sequence[str], scan: ShardScan, plans: Sequence[TierPlan],
                  run_id: str) -> None:
-    """Single-file tiers: one read per shard, added in ordinal order (ids = ordinals, no id map)."""
+    """Single-file tiers: one read per shard (none when the sample holds every row), added in ordinal
+    order (ids = ordinals, no id map)."""
     if not plans:
         return
     for p in plans:
         p.index = tiers.deserialize(tiers.serialize(p.trained))
         p.build["fill_s"] = 0.0
-    for rel in shard_paths:
-        full = read_vectors(store, rel)
+    blocks = [scan.vectors] if scan.complete else (read_vectors(store, rel) for rel in shard_paths)
+    for full in blocks:
         for p in plans:
             t0 = time.perf_counter()
             p.index.add(tiers.truncate(full, p.dim))
@@ -175,7 +176,7 @@ def _searcher(store: Storage, plan: TierPlan, n_per_shard: Sequence[int]):
 def build_tiers(store: Storage, shard_paths: Sequence[str], dim: int, tier_dims: Sequence[int],
                 cfg: IndexConfig, run_id: str) -> tuple[list[TierEntry], dict]:
     """Write the FAISS files of every tier under the run's folder; return manifest entries and the quality report."""
-    from ..search.funnel import ParquetVectors
+    from ..search.funnel import full_width_source
 
     t_start = time.perf_counter()
     scan = sample_shards(store, shard_paths, cfg.train_sample + cfg.quality_sample, dim)
@@ -197,7 +198,9 @@ def build_tiers(store: Storage, shard_paths: Sequence[str], dim: int, tier_dims:
             p.files = [r["rel"] for r in per_tier[p.dim]]
             p.nbytes = sum(r["bytes"] for r in per_tier[p.dim])  # estimate until merged
     searchers = {p.dim: _searcher(store, p, scan.rows) for p in plans}
-    source = ParquetVectors(store, shard_paths, scan.rows, dim)
+    # a corpus that fits the sample is scored from memory; larger ones stream from Parquet
+    load = (lambda: tiers.truncate(scan.vectors, dim)) if scan.complete else None
+    source = full_width_source(store, shard_paths, scan.rows, dim, load=load)
     queries = scan.vectors[q_pos].astype(np.float32)
     quality = quality_report(searchers, source, queries, scan.ordinals[q_pos], 10, cfg.rescore)
     del searchers
