@@ -160,11 +160,24 @@ def token_vectors_to_arrow(per_row: list[np.ndarray | None], dim: int) -> pa.Lis
 
 
 class EmbedActor:
-    """One model per actor; embeds each batch with token-budget sub-batches in the configured mode."""
+    """One model per actor; embeds each batch with token-budget sub-batches in the configured mode.
+
+    The model is loaded, warmed up and run on one compute thread the actor owns. Ray Data calls
+    `__init__` on the actor's main thread but `__call__` on a thread of its own; torch ops on both would
+    make two OpenMP teams, and libgomp, seeing more team threads than cores, stops spinning at its
+    barriers and sleeps instead (measured on 2 cores: ~500 sleeps/s per thread and a slower forward)."""
 
     def __init__(self, model_json: str, outputs_json: str, task: str | None, batch_tokens: int,
                  torch_threads: int | None = None, progress: Any = None, window: int | None = None,
                  window_overlap: int = 0):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embindex-compute")
+        self._compute.submit(self._setup, model_json, outputs_json, task, batch_tokens, torch_threads,
+                             progress, window, window_overlap).result()
+
+    def _setup(self, model_json: str, outputs_json: str, task: str | None, batch_tokens: int,
+               torch_threads: int | None, progress: Any, window: int | None, window_overlap: int) -> None:
         import torch
 
         if torch_threads:
@@ -191,6 +204,9 @@ class EmbedActor:
             self.embedder.encode(warm, task=task)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        return self._compute.submit(self._embed_batch, batch).result()
+
+    def _embed_batch(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
         rejected = pc.is_valid(batch.column("reject")).to_numpy(zero_copy_only=False)
         is_image = pc.fill_null(pc.is_valid(batch.column("pixels")), False).to_numpy(zero_copy_only=False) \
