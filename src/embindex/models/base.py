@@ -60,6 +60,15 @@ class ImageNotSupported(ModelError):
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's limit; also bounds the resize memory of shortest-side processors
 
 
+def check_image_size(width: int, height: int) -> None:
+    """ImageNotSupported for an image without pixels or with an aspect ratio over MAX_ASPECT_RATIO."""
+    if min(width, height) <= 0:
+        raise ImageNotSupported(f"image of size {width}x{height} has no pixels")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageNotSupported(f"image aspect ratio {ratio:.1f} exceeds {MAX_ASPECT_RATIO}")
+
+
 @dataclass
 class TokenizedText:
     """One text's model input with each token's character span in the text (without the prefix).

@@ -38,8 +38,6 @@ import numpy as np
 import torch
 
 from .base import (
-    MAX_ASPECT_RATIO,
-    ImageNotSupported,
     ImageProcessor,
     ModelError,
     ModelFamily,
@@ -47,6 +45,7 @@ from .base import (
     PrefixTokenizer,
     Role,
     TextEncoder,
+    check_image_size,
     mean_pool,
     pick_device,
     read_config,
@@ -251,10 +250,7 @@ class JinaClipV2ImageProcessor(ImageProcessor):
 
     def __call__(self, image: Any) -> np.ndarray:
         w, h = image.size
-        if w <= 0 or h <= 0:
-            raise ImageNotSupported(f"empty image ({w}x{h})")
-        if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:  # the shortest-side resize would blow up the long side
-            raise ImageNotSupported(f"image aspect ratio {max(w, h) / min(w, h):.1f} exceeds {MAX_ASPECT_RATIO}")
+        check_image_size(w, h)  # the shortest-side resize would blow up the long side of a thin image
         nw, nh = self.resized_size(w, h)
         if (nw, nh) != (w, h):
             image = image.resize((nw, nh), self.resample)

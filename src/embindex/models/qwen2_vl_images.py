@@ -21,13 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import (
-    MAX_ASPECT_RATIO,
-    ImageNotSupported,
-    ImageProcessor,
-    ModelError,
-    read_json,
-)
+from .base import ImageProcessor, ModelError, check_image_size, read_json
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -37,11 +31,7 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
                  max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
     """Qwen2-VL's target size: both sides multiples of `factor`, area within [min_pixels, max_pixels],
     aspect ratio kept as well as possible (the same rounding as transformers' `smart_resize`)."""
-    if min(height, width) <= 0:
-        raise ImageNotSupported(f"image of size {height}x{width} has no pixels")
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ImageNotSupported(f"image aspect ratio {max(height, width) / min(height, width):.1f} exceeds "
-                                f"{MAX_ASPECT_RATIO}")
+    check_image_size(width, height)
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
