@@ -52,13 +52,14 @@ class BuildResult:
     manifest: Manifest = field(repr=False)
 
     def summary(self) -> str:
-        c = self.counts
+        c, t = self.counts, self.timings
+        first = f", first batch at {t['first_batch_s']:.1f}s" if "first_batch_s" in t else ""
         return (
             f"published {self.version} at {self.index_uri}\n"
             f"  rows in {c['rows_in']}: indexed {c['documents']}, rejected {c['rejected']}; "
             f"chunks {c['chunks']}, vectors {c['vectors']}\n"
-            f"  wall time {self.timings['total_s']:.1f}s (embed+write {self.timings['pipeline_s']:.1f}s, "
-            f"tiers {self.timings['tiers_s']:.1f}s)\n"
+            f"  wall time {t['total_s']:.1f}s (embed+write {t['pipeline_s']:.1f}s, "
+            f"tiers {t['tiers_s']:.1f}s{first})\n"
             f"  manifest {self.manifest_uri}"
         )
 
@@ -91,6 +92,7 @@ class Job:
 
     def __init__(self, cfg: JobConfig, log: Log):
         self.cfg, self.log, self.t0 = cfg, log, time.perf_counter()
+        self.started_at = time.time()
         self.spec = model_spec(cfg.model)
         self.family = load_family(self.spec)
         self.family.check_task(cfg.model.task)
@@ -267,7 +269,7 @@ def _embed_fragments(job: Job, todo: list[Any], steps: list[tuple[Callable, dict
         fn_constructor_kwargs={"model_json": model_json, "outputs_json": outputs_json, "task": cfg.model.task,
                                "batch_tokens": cfg.resources.batch_tokens, "torch_threads": threads,
                                "window": job.window, "window_overlap": window_overlap(cfg, job.window),
-                               "progress": reporter.counter},
+                               "progress": reporter.prefix},
         compute=ray.data.ActorPoolStrategy(size=cfg.resources.actors),
         batch_size=None, batch_format="pyarrow", num_cpus=cpus, num_gpus=gpus,
     )
@@ -279,6 +281,9 @@ def _embed_fragments(job: Job, todo: list[Any], steps: list[tuple[Callable, dict
             written += rec["rows"]
             rate = written / max(time.perf_counter() - start, 1e-9)
             job.log(f"[embindex] {written} rows written this pass ({rate:.0f} rows/s)")
+    if reporter.first_batch_at is not None and "first_batch_s" not in job.timings:
+        # start-up: from the job's start until an embed actor began its first batch
+        job.timings["first_batch_s"] = round(reporter.first_batch_at - job.started_at, 3)
 
 
 def reconcile(store: Storage, parts: list[dict[str, Any]], rejects: list[dict[str, Any]],

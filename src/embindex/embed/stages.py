@@ -29,6 +29,7 @@ from ..models.late_chunking import late_chunk, pool_spans
 from ..text.batching import pad_batch, token_budget_batches
 from ..text.chunking import ChunkSpec, chunk_spans, token_spans
 from .image_inputs import PIXEL_COLUMNS, pixels_of, prepare_image_rows
+from .progress import ProgressSink
 
 VECTOR_COLUMN = "vector"
 TOKEN_VECTORS_COLUMN = "token_vectors"
@@ -168,7 +169,7 @@ class EmbedActor:
     barriers and sleeps instead (measured on 2 cores: ~500 sleeps/s per thread and a slower forward)."""
 
     def __init__(self, model_json: str, outputs_json: str, task: str | None, batch_tokens: int,
-                 torch_threads: int | None = None, progress: Any = None, window: int | None = None,
+                 torch_threads: int | None = None, progress: str | None = None, window: int | None = None,
                  window_overlap: int = 0):
         from concurrent.futures import ThreadPoolExecutor
 
@@ -177,7 +178,7 @@ class EmbedActor:
                              progress, window, window_overlap).result()
 
     def _setup(self, model_json: str, outputs_json: str, task: str | None, batch_tokens: int,
-               torch_threads: int | None, progress: Any, window: int | None, window_overlap: int) -> None:
+               torch_threads: int | None, progress: str | None, window: int | None, window_overlap: int) -> None:
         import torch
 
         if torch_threads:
@@ -193,8 +194,7 @@ class EmbedActor:
         self.window_overlap = window_overlap
         self.busy_s = 0.0
         self.rows = 0
-        self.progress = progress
-        self._pending, self._last_report = 0, time.perf_counter()
+        self.progress = ProgressSink(progress) if progress else None
         # first-call costs (kernel selection, allocator growth, CUDA context) now, while the first
         # fragment is still being read and tokenized, not inside the first fragment's call
         warm = ["warm-up " * 16] * 8
@@ -208,6 +208,8 @@ class EmbedActor:
 
     def _embed_batch(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
+        if self.progress is not None:
+            self.progress.started()
         rejected = pc.is_valid(batch.column("reject")).to_numpy(zero_copy_only=False)
         is_image = pc.fill_null(pc.is_valid(batch.column("pixels")), False).to_numpy(zero_copy_only=False) \
             & ~rejected
@@ -236,15 +238,12 @@ class EmbedActor:
         return self.embedder.embed_images(pixels_of(batch, rows), self.task, tokens=tokens, on_batch=report)
 
     def _report(self, rows: int) -> None:
-        """Progress to the driver, at most every ~2 s (one tiny remote call)."""
-        self._pending += rows
-        if self.progress is not None and time.perf_counter() - self._last_report > 2.0:
-            self._flush()
+        if self.progress is not None:
+            self.progress.add(rows)
 
     def _flush(self) -> None:
-        if self.progress is not None and self._pending:
-            self.progress.add.remote(self._pending)
-        self._pending, self._last_report = 0, time.perf_counter()
+        if self.progress is not None:
+            self.progress.flush()
 
     # -- late chunking -------------------------------------------------------------------------
     def _late(self, batch: pa.Table, todo: np.ndarray, images: np.ndarray) -> pa.Table:
