@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 
 import ray
+from ray.experimental import internal_kv
 
-from embindex.embed.progress import ProgressReporter, ProgressSink, read_progress
+from embindex.embed.progress import NAMESPACE, ProgressReporter, ProgressSink, read_progress
 
 
 @ray.remote(num_cpus=0)
@@ -45,4 +46,4 @@ def test_sink_throttles_writes_and_counts_every_row(ray_cluster):
     fast = ProgressSink(prefix, every=0)
     fast.add(4)
     assert read_progress(prefix)[0] == 15
-    ray.experimental.internal_kv._internal_kv_del(prefix + "/", del_by_prefix=True, namespace="embindex-progress")
+    internal_kv._internal_kv_del(prefix + "/", del_by_prefix=True, namespace=NAMESPACE)
