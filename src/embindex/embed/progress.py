@@ -13,14 +13,9 @@ import time
 import uuid
 from typing import Callable
 
+from ray.experimental import internal_kv as kv  # Ray's own libraries use this store the same way
+
 NAMESPACE = "embindex-progress"
-
-
-def _kv():
-    # Ray's own libraries use this store the same way (small keys, driver-side polling).
-    from ray.experimental import internal_kv
-
-    return internal_kv
 
 
 class ProgressSink:
@@ -51,7 +46,7 @@ class ProgressSink:
     @staticmethod
     def _put(key: str, value: str) -> bool:
         try:
-            _kv()._internal_kv_put(key, value, True, namespace=NAMESPACE)
+            kv._internal_kv_put(key, value, True, namespace=NAMESPACE)
             return True
         except Exception:
             return False
@@ -59,7 +54,6 @@ class ProgressSink:
 
 def read_progress(prefix: str) -> tuple[int, float | None]:
     """(rows embedded so far, wall time the first batch started or None) over every sink of `prefix`."""
-    kv = _kv()
     rows, first = 0, None
     for key in kv._internal_kv_list(prefix + "/", namespace=NAMESPACE):
         value = kv._internal_kv_get(key, namespace=NAMESPACE)
@@ -94,7 +88,7 @@ class ProgressReporter:
         self._thread.join(timeout=5)
         try:
             _, self.first_batch_at = read_progress(self.prefix)
-            _kv()._internal_kv_del(self.prefix + "/", del_by_prefix=True, namespace=NAMESPACE)
+            kv._internal_kv_del(self.prefix + "/", del_by_prefix=True, namespace=NAMESPACE)
         except Exception:  # progress must never fail a build
             pass
 
