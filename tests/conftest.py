@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import socket
 from importlib.resources import files
 from pathlib import Path
@@ -65,7 +66,7 @@ def s3_bucket(s3_server, request):
     """A fresh bucket on the loopback server; returns (bucket name, storage options)."""
     import boto3
 
-    name = "b-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    name = "b-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-")
     client = boto3.client("s3", endpoint_url=s3_server["endpoint_url"], aws_access_key_id=S3_KEY,
                           aws_secret_access_key=S3_SECRET, region_name=S3_REGION)
     client.create_bucket(Bucket=name)

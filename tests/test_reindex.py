@@ -123,8 +123,9 @@ def test_compact_and_retention(ray_cluster, tmp_path):
     hits = reader.search([d["text"] for d in docs[:5]], k=1)
     assert [h[0].id for h in hits] == [d["id"] for d in docs[:5]]
 
-    # retention: keep 1 version; files only older versions used are gone, the latest still searches
-    third = reindex(dict(cfg, index={**cfg["index"], "keep_versions": 1}), log=None)
+    # retention: keep 1 version (no grace period); files only older versions used are gone, the latest
+    # still searches
+    third = reindex(dict(cfg, index={**cfg["index"], "keep_versions": 1, "gc_grace_seconds": 0}), log=None)
     assert [p.name for p in (tmp_path / "idx" / "versions").iterdir()] == [third.version]
     first_shards = [s.path for s in second.manifest.shards[:1]]
     assert not (tmp_path / "idx" / first_shards[0]).exists()

@@ -32,11 +32,15 @@ def _run_job(run: Any, config: str, set_: List[str], quiet: bool) -> Any:
     from pydantic import ValidationError
 
     from .config import parse_override
+    from .index.lease import LeaseTimeout
+    from .index.publish import IndexChangedError
+    from .storage import ConditionalWritesUnsupported
 
     try:
         overrides = dict(parse_override(s) for s in set_)
         result = run(config, overrides, log=None if quiet else _log)
-    except (ValidationError, ValueError, FileNotFoundError, ImportError) as e:
+    except (ValidationError, ValueError, FileNotFoundError, ImportError, IndexChangedError,
+            ConditionalWritesUnsupported, LeaseTimeout) as e:
         _fail(str(e))
     typer.echo(result.summary())
     return result
@@ -70,18 +74,21 @@ def compact(
     threshold: float = typer.Option(0.2, "--threshold", help="compact when this fraction of rows is tombstoned"),
     force: bool = typer.Option(False, "--force", help="compact whatever the fraction"),
     keep: Optional[int] = typer.Option(None, "--keep", help="then keep only this many versions"),
+    grace: float = typer.Option(3600, "--grace-seconds",
+                                help="with --keep: delete a version only this long after it stopped being the latest"),
 ) -> None:
     """Rewrite the latest version without its tombstoned rows (no re-embedding) and retrain its tiers."""
     _setup_env()
-    from .incremental.compact import collect_garbage
     from .incremental.compact import compact as run_compact
+    from .index.gc import collect_garbage
+    from .index.publish import IndexChangedError
     from .storage import Storage
 
     try:
         m = run_compact(index, threshold=threshold, force=force, log=_log)
         if keep:
-            collect_garbage(Storage(index), keep, _log)
-    except (ValueError, FileNotFoundError) as e:
+            collect_garbage(Storage(index), keep, _log, grace_seconds=grace)
+    except (ValueError, FileNotFoundError, IndexChangedError) as e:
         _fail(str(e))
         return
     typer.echo(f"published {m.version} (compacted {m.parent})" if m else "nothing to compact")

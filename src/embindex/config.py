@@ -149,6 +149,13 @@ class IndexConfig(_Section):
     single_file_max_rows: int = Field(200_000, ge=0, description="non-IVF tiers up to this size are one file")
     storage: dict[str, Any] = Field(default_factory=dict)
     keep_versions: int | None = Field(None, gt=0, description="versions kept after a publish (None: all)")
+    gc_grace_seconds: float = Field(3600, ge=0, description="an older version's files are deleted only this long "
+                                    "after it stopped being the latest (readers that opened it keep working)")
+    gc_inflight_seconds: float = Field(7 * 86400, gt=0, description="an unpublished run this recent protects "
+                                       "the version it started from; older ones count as abandoned")
+    commit: Literal["auto", "conditional", "lease"] = Field(
+        "auto", description="publish protocol: conditional writes (local disk, S3), or a lease object for "
+        "stores without them; auto picks conditional where the store has it")
     retrain_growth: float = Field(2.0, gt=1, description="reindex retrains tiers once rows exceed this x trained")
 
     def storage_options(self) -> StorageOptions:

@@ -21,10 +21,11 @@ from .checkpoints import model_spec
 from .config import JobConfig, load_config
 from .embed.progress import ProgressReporter
 from .embed.stages import EmbedActor, tokenize_batch
-from .index import tiers
+from .index import layout, tiers
 from .index.manifest import Counts, Manifest, ModelEntry, RejectsEntry, ShardEntry
-from .index.commits import read_commits, read_run_record, unfinished_runs, write_run_record
-from .index.publish import latest_version, list_versions, next_version, publish, read_manifest
+from .index.commits import published_version, read_commits, read_run_record, unfinished_runs, write_run_record
+from .index.gc import collect_garbage
+from .index.publish import latest_version, list_versions, publish, read_manifest
 from .index.shards import read_table, write_fragment
 from .index.multivector import build_token_index
 from .index.tier_builder import build_tiers
@@ -88,10 +89,14 @@ def _count_and_find_duplicates(ds: Any) -> tuple[Counter[str], set[str]]:
 
 class Job:
     """One run against an index: the resolved model, the run id, the corpus plan, and the steps that
-    `build` and `reindex` compose (embed fragments with retries, collect commits, publish)."""
+    `build` and `reindex` compose (embed fragments with retries, collect commits, publish).
 
-    def __init__(self, cfg: JobConfig, log: Log):
+    `kind` is "build" (a full build: publishes on top of whatever is latest by then) or "reindex" (a
+    delta against `base`, the version it started from: publishes only on top of it)."""
+
+    def __init__(self, cfg: JobConfig, log: Log, kind: str = "build", base: str | None = None):
         self.cfg, self.log, self.t0 = cfg, log, time.perf_counter()
+        self.kind = kind
         self.started_at = time.time()
         self.spec = model_spec(cfg.model)
         self.family = load_family(self.spec)
@@ -101,6 +106,7 @@ class Job:
         self.tier_dims = tiers.resolve_tiers(cfg.index.tiers, self.info.dim)
         self.checkpoint_hash = checkpoint_hash(self.spec.path)
         self.store = Storage(cfg.index.uri, cfg.index.storage_options())
+        self.base = base if kind == "reindex" else latest_version(self.store)
         self.fingerprint = build_fingerprint(cfg, self.checkpoint_hash)
         lc = cfg.outputs.late_chunking
         self.window = (lc.window if lc else None) or self.info.max_length
@@ -117,7 +123,7 @@ class Job:
         ctx.enable_progress_bars = bool(self.cfg.run.progress and sys.stderr.isatty())
         ctx.verbose_progress = False
         ctx.target_max_block_size = None  # one block per fragment, never split: fragments are the commit unit
-        self.run_id = _resolve_run(self.cfg, self.store, self.fingerprint, self.log)
+        self.run_id = _resolve_run(self.cfg, self.store, self.fingerprint, self.log, self.kind, self.base)
         self.log(f"[embindex] run {self.run_id}: reading {self.cfg.source.uri}")
         self.corpus = open_corpus(self.cfg.source)
 
@@ -156,15 +162,14 @@ class Job:
 
     def publish(self, *, shards: list[ShardEntry], tokens: int, rejects: list[dict],
                 tier_entries: list, quality: dict, counts: Counts, token_index: tuple[str, int] | None,
-                fragments: dict[str, int], parent: str | None, **extra: Any) -> BuildResult:
+                fragments: dict[str, int], **extra: Any) -> BuildResult:
         cfg, info = self.cfg, self.info
         self.timings["total_s"] = round(time.perf_counter() - self.t0, 3)
-        version = next_version(self.store)
         manifest = Manifest(
-            version=version,
+            version="v000000",  # the number, parent and time are set when publish claims a version
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             run_id=self.run_id,
-            parent=parent,
+            parent=self.base,
             model=ModelEntry(
                 name=cfg.model.name, path=cfg.model.path, checkpoint_hash=self.checkpoint_hash, task=cfg.model.task,
                 query_task=self.query_task, max_length=info.max_length, pooling=info.pooling,
@@ -187,12 +192,14 @@ class Job:
             **extra,
         )
         _scrub_secrets(manifest.config)
-        manifest_uri = publish(self.store, manifest)
+        manifest = publish(self.store, manifest, self.base, rebase=self.kind == "build", commit=cfg.index.commit,
+                           log=self.log)
+        manifest_uri = self.store.uri(layout.manifest_path(manifest.version))
         if cfg.index.keep_versions:
-            from .incremental.compact import collect_garbage
-
-            collect_garbage(self.store, cfg.index.keep_versions, self.log)
-        return BuildResult(cfg.index.uri, version, manifest_uri, counts.model_dump(), dict(self.timings), manifest)
+            collect_garbage(self.store, cfg.index.keep_versions, self.log, grace_seconds=cfg.index.gc_grace_seconds,
+                            inflight_seconds=cfg.index.gc_inflight_seconds)
+        return BuildResult(cfg.index.uri, manifest.version, manifest_uri, counts.model_dump(), dict(self.timings),
+                           manifest)
 
 
 def token_count(parts: list[dict]) -> int:
@@ -244,7 +251,7 @@ def build(
                        quality=quality, counts=counts, token_index=token_index,
                        fragments={"total": total, "embedded": total - job.committed_before,
                                   "reused": job.committed_before},
-                       parent=latest_version(job.store), trained_rows=n_rows)
+                       trained_rows=n_rows)
 
 
 def _embed_fragments(job: Job, todo: list[Any], steps: list[tuple[Callable, dict]], rows_in: int) -> None:
@@ -309,24 +316,39 @@ def build_fingerprint(cfg: JobConfig, checkpoint: str) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _resolve_run(cfg: JobConfig, store: Storage, fingerprint: str, log: Log) -> str:
-    """The run id: `run.id`, or with `run.resume` the newest unpublished run, or a new one. A resumed run
-    must have the same fingerprint as the run it continues."""
+def _resolve_run(cfg: JobConfig, store: Storage, fingerprint: str, log: Log, kind: str = "build",
+                 base: str | None = None) -> str:
+    """The run id: `run.id`, or with `run.resume` the newest unpublished run of the same kind (a
+    reindex: started from the same base), or a new one. A resumed run must have the same fingerprint
+    and source as the run it continues; a run id that published a version is never reused (its files
+    belong to that version and must not be rewritten)."""
     run_id = cfg.run.id
     if run_id is None and cfg.run.resume:
         published = {read_manifest(store, v).run_id for v in list_versions(store)}
-        pending = unfinished_runs(store, published)
+        pending = [r for r in unfinished_runs(store, published) if _resumable(read_run_record(store, r), kind, base)]
         run_id = pending[-1] if pending else None
         if run_id:
             log(f"[embindex] resuming run {run_id}")
     run_id = run_id or _run_id(cfg)
+    done = published_version(store, run_id)
+    if done:
+        raise ValueError(f"run {run_id} already published {done} of {store.root}; its files are immutable. "
+                         "Use a new run id (or none: one is generated)")
     record = read_run_record(store, run_id)
     if record is not None and record["fingerprint"] != fingerprint:
         raise ValueError(f"run {run_id} was started with another model/outputs fingerprint; "
                          "use a new run id")
-    if record is None:
-        write_run_record(store, run_id, fingerprint)
+    if record is not None and record.get("source", cfg.source.uri) != cfg.source.uri:
+        raise ValueError(f"run {run_id} was started on {record['source']}, not {cfg.source.uri}; use a new run id")
+    write_run_record(store, run_id, fingerprint, kind=kind, base=base, source=cfg.source.uri)
     return run_id
+
+
+def _resumable(record: dict[str, Any] | None, kind: str, base: str | None) -> bool:
+    """A reindex continues only a reindex from the same base (its delta was computed against it)."""
+    if record is None or record.get("kind", "build") != kind:
+        return False
+    return kind != "reindex" or record.get("base") == base
 
 
 def window_overlap(cfg: JobConfig, window: int) -> int:

@@ -47,7 +47,7 @@ def reindex(config: str | os.PathLike | dict[str, Any] | JobConfig, overrides: d
         log("[embindex] no published version yet: full build")
         return build(cfg, log=log)
     base = read_manifest(store, base_version)
-    job = Job(cfg, log)
+    job = Job(cfg, log, kind="reindex", base=base_version)
     if base.fingerprint != job.fingerprint:
         log("[embindex] model or outputs changed since the published version: full rebuild")
         return build(cfg, log=log)
@@ -121,7 +121,6 @@ def reindex(config: str | os.PathLike | dict[str, Any] | JobConfig, overrides: d
         tier_entries=tier_entries, quality=quality, counts=counts, token_index=token_index,
         fragments={"total": n_frag, "embedded": embedded - job.committed_before,
                    "reused": n_frag - embedded + job.committed_before},
-        parent=base_version,
         tombstones={"path": tomb_rel, "rows": int(len(dead))},
         delta={**delta.summary(), "documents_embedded": len(delta_docs), "rejected_when_embedded": len(late)},
         trained_rows=trained_rows,

@@ -7,9 +7,13 @@ standard AWS environment variables; they are never logged, and `StorageOptions._
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import logging
 import os
 import posixpath
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar
@@ -129,18 +133,43 @@ def arrow_filesystem(uri: str, options: StorageOptions | None = None) -> pafs.Fi
     return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_filesystem(uri, options)))
 
 
+class ConditionalWritesUnsupported(RuntimeError):
+    """The store cannot create-if-absent / compare-and-swap: publishing on it needs the lease protocol."""
+
+
+def _s3_error_code(e: BaseException) -> str | None:
+    cause = e.__cause__
+    response = getattr(cause, "response", None) or {}
+    return response.get("Error", {}).get("Code")
+
+
+@contextlib.contextmanager
+def _flocked(lock_path: str):
+    """An exclusive advisory lock held for the block (every embindex writer takes it)."""
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 RETRY_DELAYS = (0.5, 1, 2, 4, 8, 15)  # ~30 s: rides out an object store restart or a network blip
 
 
 def with_retries(fn: Callable[[], T], what: str, delays: Sequence[float] = RETRY_DELAYS) -> T:
     """Run `fn`, retrying transient I/O failures (connection errors, timeouts, 5xx) with backoff.
-    Missing files and permission errors are not retried."""
+    Missing or existing files, permission errors and failed preconditions are not retried."""
     for attempt, delay in enumerate((*delays, None)):
         try:
             return fn()
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+        except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError):
             raise
         except (OSError, TimeoutError, ConnectionError) as e:
+            if _s3_error_code(e) == "PreconditionFailed":  # a conditional write lost: an answer, not a fault
+                raise
             if delay is None:
                 raise OSError(f"{what} failed after {attempt + 1} attempts: {e}") from e
             log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(e).__name__, e, delay)
@@ -180,13 +209,7 @@ class Storage:
         """Whole-object write: atomic on object stores (one PUT); temp file + rename locally."""
         path = self.fs_path(rel)
         if not is_remote(self.root):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            os.replace(self._local_temp(path, data), path)
             return
         def put() -> None:
             with self.fs.open(path, "wb") as f:
@@ -196,6 +219,122 @@ class Storage:
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
+
+    # -- conditional writes (the commit protocol of index/publish.py builds on these) ------------
+    def create_bytes(self, rel: str, data: bytes) -> None:
+        """Write `rel` only if it does not exist (FileExistsError otherwise); never a partial file.
+        Local: temp file + link(2), which fails if the name exists. S3: PUT with `If-None-Match: *`."""
+        path = self.fs_path(rel)
+        if not is_remote(self.root):
+            tmp = self._local_temp(path, data)
+            try:
+                os.link(tmp, path)
+            finally:
+                os.unlink(tmp)
+            return
+        bucket, key = self._s3_key(rel)
+        self._check_conditional_writes()
+        with_retries(lambda: self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"),
+                     f"create {rel}")
+
+    def read_tagged(self, rel: str) -> tuple[bytes | None, str | None]:
+        """(content, tag) of `rel`, or (None, None) when absent; the tag is what `swap_bytes` compares."""
+        path = self.fs_path(rel)
+        if not is_remote(self.root):
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                return None, None
+            return data, hashlib.sha256(data).hexdigest()
+        self._s3_key(rel)
+        try:  # the ETag first: if the object changes before the read, the swap fails on the old tag
+            etag = with_retries(lambda: self.fs.info(path)["ETag"], f"stat {rel}")
+            return self.read_bytes(rel), etag
+        except FileNotFoundError:
+            return None, None
+
+    def swap_bytes(self, rel: str, data: bytes, tag: str | None) -> bool:
+        """Compare-and-swap: replace `rel` with `data` only if its tag is still `tag` (None: only if it
+        does not exist). True when written, False when `rel` changed since it was read.
+        Local: under an exclusive flock of `<rel>.lock`, compare, then temp file + rename. S3: PUT with
+        `If-Match: <etag>` (or `If-None-Match: *`)."""
+        path = self.fs_path(rel)
+        if not is_remote(self.root):
+            with _flocked(path + ".lock"):
+                if self.read_tagged(rel)[1] != tag:
+                    return False
+                os.replace(self._local_temp(path, data), path)
+            return True
+        bucket, key = self._s3_key(rel)
+        self._check_conditional_writes()
+        cond = {"IfMatch": tag} if tag is not None else {"IfNoneMatch": "*"}
+        try:
+            with_retries(lambda: self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **cond),
+                         f"swap {rel}")
+        except FileExistsError:  # If-None-Match failed: someone created it
+            return False
+        except FileNotFoundError:  # If-Match on an object that was deleted
+            return False
+        except OSError as e:
+            if _s3_error_code(e) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+
+    def delete(self, rel: str) -> None:
+        """Remove a file or a folder; a missing one is not an error (two cleaners may race)."""
+        path = self.fs_path(rel)
+        try:
+            with_retries(lambda: self.fs.rm(path, recursive=True), f"delete {rel}")
+        except FileNotFoundError:
+            pass
+
+    @property
+    def has_conditional_writes(self) -> bool:
+        """Local disks and S3 (AWS, and S3 servers that honour If-None-Match / If-Match)."""
+        return scheme_of(self.root) in ("file", "s3", "s3a")
+
+    def _local_temp(self, path: str, data: bytes) -> str:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return tmp
+
+    def _s3_key(self, rel: str) -> tuple[str, str]:
+        if not self.has_conditional_writes:
+            raise ConditionalWritesUnsupported(
+                f"{scheme_of(self.root)}:// has no conditional writes here; publish with index.commit: lease")
+        bucket, _, key = self.fs_path(rel).partition("/")
+        return bucket, key
+
+    def _check_conditional_writes(self) -> None:
+        """Once per Storage: prove the S3 server refuses a second create (some S3-compatible servers
+        ignore If-None-Match and would let two writers overwrite each other's manifest)."""
+        if getattr(self, "_conditional_ok", False):
+            return
+        rel = f"_probe/{secrets.token_hex(8)}"
+        bucket, key = self.fs_path(rel).partition("/")[::2]
+        put = lambda: self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"", IfNoneMatch="*")  # noqa: E731
+        with_retries(put, "conditional-write probe")
+        try:
+            put()
+            honoured = False
+        except FileExistsError:
+            honoured = True
+        except OSError as e:
+            honoured = _s3_error_code(e) == "PreconditionFailed"
+        finally:
+            self.delete(rel)
+        if not honoured:
+            raise ConditionalWritesUnsupported(
+                f"the object store at {self.root} ignores conditional writes (If-None-Match): two writers "
+                "could overwrite each other's versions. Publish with index.commit: lease, or use a store "
+                "that supports them")
+        self._conditional_ok = True
 
     def listdir(self, rel: str) -> list[str]:
         path = self.fs_path(rel)
