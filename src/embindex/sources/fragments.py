@@ -1,18 +1,21 @@
 """Input fragments: the unit of work, of commit and of resume.
 
-A fragment is a deterministic slice of the corpus: a range of Parquet row groups, one JSONL file, or
-a group of text and/or image files. Its id hashes the format, the paths, the range and each file's size and
-modification tag, so the same corpus gives the same fragments in every run. Each fragment flows
-through the pipeline as one Ray Data block and is written as one part file plus one rejects file,
-named by the fragment id, then committed by a marker written last.
+A fragment is a deterministic slice of the corpus: a range of Parquet row groups, one JSONL file (or
+one newline-aligned byte range of a plain JSONL file larger than `fragment_bytes`, see
+`jsonl_ranges.py`), or a group of text and/or image files. Its id hashes the format, the paths, the
+range and each file's size and modification tag, so the same corpus gives the same fragments in every
+run. Each fragment flows through the pipeline as one Ray Data block and is written as one part file
+plus one rejects file, named by the fragment id, then committed by a marker written last.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
 from dataclasses import asdict, dataclass
+from itertools import accumulate
 from typing import Any
 
 import pyarrow as pa
@@ -20,7 +23,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..storage import with_retries
-from .normalize import RowRules, parse_image_file, parse_jsonl, parse_text_file, to_table
+from .jsonl_ranges import RangeScan, byte_ranges, read_range_lines, scan_range
+from .normalize import RowRules, parse_image_file, parse_jsonl, parse_jsonl_lines, parse_text_file, to_table
+
+log = logging.getLogger("embindex.sources")
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,8 @@ class Fragment:
     paths: tuple[str, ...]  # filesystem paths (bucket/key on object stores)
     row_groups: tuple[int, ...] = ()  # parquet only
     rows: int | None = None  # rows known at planning time (parquet, text)
+    byte_range: tuple[int, ...] = ()  # split JSONL only: [start, end) of the file (jsonl_ranges.py)
+    first_line: int = 1  # split JSONL only: 1 + the number of newlines before byte_range[0]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -38,7 +46,7 @@ class Fragment:
     def from_json(cls, text: str) -> "Fragment":
         d = json.loads(text)
         return cls(id=d["id"], format=d["format"], paths=tuple(d["paths"]), row_groups=tuple(d["row_groups"]),
-                   rows=d["rows"])
+                   rows=d["rows"], byte_range=tuple(d.get("byte_range", ())), first_line=d.get("first_line", 1))
 
 
 def _fragment_id(fmt: str, infos: list[pafs.FileInfo], extra: Any = None) -> str:
@@ -56,7 +64,8 @@ def plan_fragments(fs: pafs.FileSystem, files: list[str], fmt: str, fragment_row
     """Split the corpus files into fragments (deterministic order and ids). A fragment closes before it
     would pass `fragment_rows` Parquet rows or `fragment_files` files, or `fragment_bytes` of data
     (uncompressed Parquet row groups, file sizes), or `fragment_images` rows where rows hold images
-    (Parquet files with `image_column`, image folders): prepared pixels are larger than encoded images."""
+    (Parquet files with `image_column`, image folders): prepared pixels are larger than encoded images.
+    A plain JSONL file larger than `fragment_bytes` becomes several byte-range fragments."""
     infos = fs.get_file_info(files)
     frags: list[Fragment] = []
     if fmt in ("images", "mixed"):
@@ -81,7 +90,7 @@ def plan_fragments(fs: pafs.FileSystem, files: list[str], fmt: str, fragment_row
             if groups or meta.num_row_groups == 0:
                 frags.append(Fragment(_fragment_id(fmt, [info], groups), fmt, (info.path,), tuple(groups), rows))
     elif fmt == "jsonl":
-        frags = [Fragment(_fragment_id(fmt, [info]), fmt, (info.path,)) for info in infos]
+        frags = [f for info in infos for f in plan_jsonl_file(fs, info, fragment_bytes)]
     else:
         group: list[pafs.FileInfo] = []
         size = 0
@@ -95,6 +104,42 @@ def plan_fragments(fs: pafs.FileSystem, files: list[str], fmt: str, fragment_row
         if group:
             frags.append(Fragment(_fragment_id(fmt, group), fmt, tuple(x.path for x in group), (), len(group)))
     return frags
+
+
+def _is_gzip_name(path: str) -> bool:
+    return path.lower().endswith(".gz")
+
+
+def _scan_ranges(fs: pafs.FileSystem, path: str, ranges: list[tuple[int, int]]) -> list[RangeScan]:
+    """`scan_range` of every range, as Ray tasks when Ray is up (the driver does not read the file)."""
+    from ..index.filling import run_tasks
+
+    return run_tasks(scan_range, [(fs, path, start, end) for start, end in ranges], num_cpus=0.5)
+
+
+def plan_jsonl_file(fs: pafs.FileSystem, info: pafs.FileInfo, fragment_bytes: int) -> list[Fragment]:
+    """One fragment for a JSONL file up to `fragment_bytes` (id as it always was) or a gzipped one;
+    else one fragment per newline-aligned byte range, each with the file line number of its first line.
+
+    Split fragment ids hash the file (path, size, modification tag) and the range, so re-planning an
+    unchanged file with the same `fragment_bytes` gives the same fragments (resume)."""
+    fmt, size = "jsonl", info.size or 0
+    whole = [Fragment(_fragment_id(fmt, [info]), fmt, (info.path,))]
+    if size <= fragment_bytes:
+        return whole
+    if _is_gzip_name(info.path):
+        log.warning("%s: gzipped JSONL of %d bytes > fragment_bytes %d is read as one fragment (gzip has no "
+                    "random access); split it into several files or store it uncompressed", info.path, size,
+                    fragment_bytes)
+        return whole
+    ranges = byte_ranges(size, fragment_bytes)
+    scans = _scan_ranges(fs, info.path, ranges)
+    if scans[0].gzip:
+        log.warning("%s: gzip data under a plain JSONL name is read as one fragment", info.path)
+        return whole
+    starts = list(accumulate([s.newlines for s in scans[:-1]], initial=1))
+    return [Fragment(_fragment_id(fmt, [info], {"bytes": [a, b]}), fmt, (info.path,), byte_range=(a, b),
+                     first_line=line) for (a, b), line in zip(ranges, starts)]
 
 
 def _parquet_rows(table: pa.Table, rules: RowRules, source: str, first_row: int = 1) -> list[dict[str, Any]]:
@@ -190,6 +235,11 @@ def read_fragment(frag: Fragment, fs: pafs.FileSystem, rules: RowRules, root: st
             path = frag.paths[0]
             table, first = with_retries(lambda: _read_row_groups(fs, path, list(frag.row_groups)), f"read {path}")
             rows = _parquet_rows(table, rules, path, first)
+    elif frag.byte_range:
+        path, (start, end) = frag.paths[0], frag.byte_range
+        lines = with_retries(lambda: read_range_lines(fs, path, start, end, frag.first_line),
+                             f"read {path} [{start}, {end})")
+        rows = list(parse_jsonl_lines(lines, path, rules))
     else:
         for path in frag.paths:
             data = with_retries(lambda: _read_bytes(fs, path), f"read {path}")

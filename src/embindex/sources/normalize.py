@@ -225,7 +225,12 @@ def parse_jsonl(data: bytes, path: str, rules: RowRules) -> Iterator[dict[str, A
     except (OSError, EOFError) as e:
         yield reject_row(None, Reasons.UNREADABLE_FILE, f"cannot decompress: {e}", path, None)
         return
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+    yield from parse_jsonl_lines(enumerate(data.split(b"\n"), start=1), path, rules)
+
+
+def parse_jsonl_lines(lines: Iterable[tuple[int, bytes]], path: str, rules: RowRules) -> Iterator[dict[str, Any]]:
+    """One normalized row per non-blank (line number, raw bytes) pair of a JSONL file."""
+    for lineno, raw in lines:
         if not raw.strip():
             continue
         try:
