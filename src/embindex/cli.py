@@ -104,7 +104,11 @@ def search(
     query: Optional[List[str]] = typer.Argument(None, help="query text (several allowed)"),
     image: Optional[List[str]] = typer.Option(None, "--image", help="query image file (repeatable)"),
     k: int = typer.Option(10, "-k", help="hits per query"),
-    tier: Optional[int] = typer.Option(None, "--tier", help="ANN tier width (default: narrowest)"),
+    tier: Optional[int] = typer.Option(None, "--tier", help="ANN tier width (default: the narrowest tier whose "
+                                       "build-time rescored recall@10 reaches the recall target)"),
+    recall_target: Optional[float] = typer.Option(None, "--recall-target",
+                                                  help="default-tier recall target (default: search.recall_target "
+                                                       "of the build config, else 0.99)"),
     modality: Optional[str] = typer.Option(None, "--modality", help="only 'text' or only 'image' hits"),
     version: Optional[str] = typer.Option(None, "--version", help="a version other than _latest"),
     as_json: bool = typer.Option(False, "--json", help="JSON lines output"),
@@ -117,7 +121,7 @@ def search(
         _fail("give at least one query text or --image")
         return
     try:
-        reader = open_index(index, version=version)
+        reader = open_index(index, version=version, recall_target=recall_target)
         results = reader.search(query, k=k, tier=tier, modality=modality) if query else []
         if image:
             results += reader.search_images(image, k=k, tier=tier, modality=modality)
@@ -145,6 +149,7 @@ def inspect(
     """Print the manifest summary: versions, tiers, shards, counts, quality."""
     _setup_env()
     from .index.publish import latest_version, list_versions, read_manifest
+    from .search.reader import default_tier, recall_target_of
     from .storage import Storage
 
     store = Storage(index)
@@ -189,6 +194,9 @@ def inspect(
             f"  {t.dim:5d}  {t.factory:14s} {t.bytes_per_vector or 0:8.1f} B/vec  "
             f"recall {qt.get(f'recall@{kq}', float('nan')):.3f}  rescored {qt.get(f'recall@{kq}_rescored', float('nan')):.3f}"
         )
+    target = recall_target_of(m)
+    lines.append(f"search   default tier {default_tier(m, target)} (narrowest with rescored recall@{kq} >= "
+                 f"{target:g}, else the widest)")
     typer.echo("\n".join(str(x) for x in lines))
 
 

@@ -157,6 +157,8 @@ class IndexConfig(_Section):
         "auto", description="publish protocol: conditional writes (local disk, S3), or a lease object for "
         "stores without them; auto picks conditional where the store has it")
     retrain_growth: float = Field(2.0, gt=1, description="reindex retrains tiers once rows exceed this x trained")
+    max_tier_deltas: int = Field(8, ge=1, description="a reindex adds one delta index per tier; at this many the "
+                                 "tiers are rebuilt from the stored vectors (search latency stays bounded)")
 
     def storage_options(self) -> StorageOptions:
         return StorageOptions.from_dict(self.storage)
@@ -195,6 +197,13 @@ class RunConfig(_Section):
     max_attempts: int = Field(3, ge=1, description="passes over uncommitted fragments after a failure")
 
 
+class SearchConfig(_Section):
+    """Defaults for readers of the index (recorded in the manifest with the rest of the config)."""
+
+    recall_target: float = Field(0.99, gt=0, le=1, description="a query without a tier uses the narrowest "
+                                 "tier whose build-time rescored recall@10 reaches this (else the widest)")
+
+
 class JobConfig(_Section):
     source: SourceConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -202,6 +211,7 @@ class JobConfig(_Section):
     index: IndexConfig
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
 
 
 def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:

@@ -8,6 +8,7 @@ plus its tier indexes. Tasks run as Ray tasks when Ray is initialized, else one 
 
 from __future__ import annotations
 
+import hashlib
 import resource
 import time
 from dataclasses import dataclass
@@ -35,16 +36,19 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def fill_index(trained: faiss.Index, vectors: np.ndarray, offset: int, wrap_ids: bool) -> faiss.Index:
-    """Copy of `trained` holding `vectors` (already at tier width) with ids offset .. offset + n - 1."""
+def fill_index(trained: faiss.Index, vectors: np.ndarray, offset: int, wrap_ids: bool,
+               ids: np.ndarray | None = None) -> faiss.Index:
+    """Copy of `trained` holding `vectors` (already at tier width) with ids offset .. offset + n - 1,
+    or the given `ids` (e.g. token vectors: the row ordinal of each token's document)."""
     index = faiss.clone_index(trained)
     if wrap_ids:
         inner = index
         index = faiss.IndexIDMap2(inner)
         index.own_fields = True
         inner.this.disown()
-    ids = np.arange(offset, offset + len(vectors), dtype=np.int64)
-    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+    if ids is None:
+        ids = np.arange(offset, offset + len(vectors), dtype=np.int64)
+    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
     return index
 
 
@@ -70,6 +74,7 @@ def fill_shard(root: str, options: StorageOptions, shard_rel: str, offset: int, 
         data = tiers.serialize(index)
         store.write_bytes(job.out_rel, data)
         out.append({"dim": job.dim, "rel": job.out_rel, "bytes": len(data), "rows": int(index.ntotal),
+                    "sha256": hashlib.sha256(data).hexdigest(),
                     "list_sizes": list_sizes(index), "seconds": time.perf_counter() - t0,
                     "peak_rss_mb": _peak_rss_mb()})
         del index, data

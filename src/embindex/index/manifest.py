@@ -38,6 +38,9 @@ class TierEntry(_M):
     ntotal: int | None = None
     search_params: dict[str, Any] = Field(default_factory=dict)  # e.g. nprobe, efSearch floor
     build: dict[str, Any] = Field(default_factory=dict)  # train/fill/merge seconds, training rows
+    sha256: dict[str, str] = Field(default_factory=dict)  # file -> content hash (keys the readers' tier cache)
+    # indexes of rows added by reindexes (global ids), searched together with `files`; see delta_tiers.py
+    deltas: list[str] = Field(default_factory=list)
 
 
 class ModelEntry(_M):

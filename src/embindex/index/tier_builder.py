@@ -18,6 +18,7 @@ Memory is bounded by the reservoir sample plus one shard (per parallel task), no
 
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
 import shutil
@@ -37,7 +38,7 @@ from .manifest import TierEntry
 from .merge import merge_ondisk
 from .quality import quality_report, split_queries
 from .sampling import ShardScan, sample_shards
-from .tier_io import ONDISK, SHARDS, SINGLE, index_rel, ivfdata_rel, shard_index_rel
+from .tier_io import ONDISK, SHARDS, SINGLE, file_sha256, index_rel, ivfdata_rel, shard_index_rel
 from .training import train_index
 from .vector_io import read_vectors
 
@@ -50,6 +51,7 @@ class TierPlan:
     trained: Any = None
     build: dict[str, Any] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    sha256: dict[str, str] = field(default_factory=dict)  # file -> content hash, for the manifest
     nbytes: int = 0
     index: Any = None  # the in-memory index of a "single" tier
 
@@ -101,6 +103,7 @@ def _fill_single(store: Storage, shard_paths: Sequence[str], scan: ShardScan, pl
         rel = index_rel(run_id, p.dim)
         store.write_bytes(rel, data)
         p.files, p.nbytes = [rel], len(data)
+        p.sha256 = {rel: hashlib.sha256(data).hexdigest()}
         p.build["fill_s"] = round(p.build["fill_s"], 3)
 
 
@@ -125,6 +128,7 @@ def _fill_parallel(store: Storage, shard_paths: Sequence[str], scan: ShardScan, 
         p.build["fill_task_peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in rs), 1)
         if p.layout == SHARDS:
             p.files = [r["rel"] for r in rs]
+            p.sha256 = {r["rel"]: r["sha256"] for r in rs}
             p.nbytes = sum(r["bytes"] for r in rs)
     return per_tier
 
@@ -148,6 +152,7 @@ def _merge(store: Storage, plan: TierPlan, results: list[dict[str, Any]], run_id
         if not local:
             store.fs.put_file(data_path, store.fs_path(data_rel))
         plan.nbytes = len(header) + os.path.getsize(data_path)
+        plan.sha256 = {idx_rel: hashlib.sha256(header).hexdigest(), data_rel: file_sha256(data_path)}
     finally:
         shutil.rmtree(header_tmp, ignore_errors=True)
         if not local:
@@ -218,7 +223,8 @@ def build_tiers(store: Storage, shard_paths: Sequence[str], dim: int, tier_dims:
         bpv = round(p.nbytes / n, 2)
         entries.append(TierEntry(dim=p.dim, factory=p.factory, metric=metric_name(p.factory), files=p.files,
                                  bytes_per_vector=bpv, build_seconds=seconds, layout=p.layout, ntotal=n,
-                                 search_params=default_search_params(p.trained), build=dict(b)))
+                                 search_params=default_search_params(p.trained), build=dict(b),
+                                 sha256=dict(p.sha256)))
         if str(p.dim) in quality["tiers"]:
             quality["tiers"][str(p.dim)].update(factory=p.factory, layout=p.layout, bytes_per_vector=bpv,
                                                 build_seconds=seconds)

@@ -1,18 +1,20 @@
-"""Read the full-width vector column of Parquet shards: whole shards, or only some rows of one.
+"""Read Parquet shards: whole vector columns, or only some rows (any columns) of one or many shards.
 
 Shards hold `vector` as fixed_size_list<float16>[dim]. Readers here touch one shard at a time, so
 memory is bounded by the largest shard (or, for row takes, by the row groups holding the rows).
+`ShardRows` maps row ordinals over all shards to (shard, row) and reads only the row groups that hold
+the rows asked for: the full-width rescoring, the hits' ids and metadata and MaxSim's token vectors.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..storage import Storage
+from ..storage import Storage, with_retries
 
 
 def _as_matrix(col: pa.ChunkedArray | pa.Array, dtype: np.dtype | type) -> np.ndarray:
@@ -37,19 +39,120 @@ def read_vectors(store: Storage, rel: str, column: str = "vector",
     return _as_matrix(table.column(column), dtype)
 
 
-def take_vectors(store: Storage, rel: str, rows: Sequence[int] | np.ndarray, column: str = "vector",
-                 dtype: np.dtype | type = np.float32) -> np.ndarray:
-    """Vectors of the given local rows of one shard (in the order given), reading only their row groups."""
+def row_group_starts(md: pq.FileMetaData) -> np.ndarray:
+    """First row of each row group, plus the row count at the end: [g0, g1, ..., num_rows]."""
+    return np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)]).astype(np.int64)
+
+
+def read_rows(pf: pq.ParquetFile, rows: np.ndarray, columns: Sequence[str]) -> pa.Table:
+    """The given local rows of an open Parquet file (in the order given), reading only their row groups."""
     rows = np.asarray(rows, dtype=np.int64)
-    with store.fs.open(store.fs_path(rel), "rb") as f:
-        pf = pq.ParquetFile(f)
-        md = pf.metadata
-        starts = np.cumsum([0] + [md.row_group(i).num_rows for i in range(md.num_row_groups)])
-        groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
-        table = pf.read_row_groups([int(g) for g in groups], columns=[column])
+    starts = row_group_starts(pf.metadata)
+    group_of = np.searchsorted(starts, rows, side="right") - 1
+    groups = np.unique(group_of)
+    table = pf.read_row_groups([int(g) for g in groups], columns=list(columns))
     # local row -> position inside the concatenation of the row groups read
     sizes = starts[groups + 1] - starts[groups]
     base = np.cumsum(np.concatenate([[0], sizes[:-1]]))
-    g_of_row = np.searchsorted(groups, np.searchsorted(starts, rows, side="right") - 1)
-    pos = base[g_of_row] + rows - starts[groups[g_of_row]]
-    return _as_matrix(table.column(column).take(pa.array(pos)), dtype)
+    g_pos = np.searchsorted(groups, group_of)
+    return table.take(pa.array(base[g_pos] + rows - starts[group_of]))
+
+
+def take_vectors(store: Storage, rel: str, rows: Sequence[int] | np.ndarray, column: str = "vector",
+                 dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """Vectors of the given local rows of one shard (in the order given), reading only their row groups."""
+    with store.fs.open(store.fs_path(rel), "rb") as f:
+        table = read_rows(pq.ParquetFile(f), np.asarray(rows, dtype=np.int64), [column])
+    return _as_matrix(table.column(column), dtype)
+
+
+class ShardRows:
+    """Row ordinals over a version's shards (manifest order) -> columns of those rows, reading only the row
+    groups that hold them. Each shard's Parquet footer is read once and cached; `groups_read` and
+    `footers_read` count what was touched."""
+
+    def __init__(self, store: Storage, shard_paths: Sequence[str], shard_rows: Sequence[int]):
+        self.store = store
+        self.paths = list(shard_paths)
+        self.offsets = np.concatenate([[0], np.cumsum(np.asarray(shard_rows, dtype=np.int64))]).astype(np.int64)
+        self.n = int(self.offsets[-1])
+        self._footers: dict[int, pq.FileMetaData] = {}
+        self._starts: dict[int, np.ndarray] = {}
+        self.groups_read = 0
+        self.footers_read = 0
+
+    def locate(self, ordinals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard index, row in shard) of each ordinal."""
+        ordinals = np.asarray(ordinals, dtype=np.int64)
+        shard = np.searchsorted(self.offsets, ordinals, side="right") - 1
+        return shard, ordinals - self.offsets[shard]
+
+    def footer(self, s: int) -> pq.FileMetaData:
+        """Parquet footer of shard s (read on first use)."""
+        if s not in self._footers:
+            def read() -> pq.FileMetaData:
+                with self.store.fs.open(self.store.fs_path(self.paths[s]), "rb") as f:
+                    return pq.ParquetFile(f).metadata
+
+            self._footers[s] = with_retries(read, f"read footer of {self.paths[s]}")
+            self.footers_read += 1
+        return self._footers[s]
+
+    def group_starts(self, s: int) -> np.ndarray:
+        """First row of each row group of shard s, then its row count."""
+        if s not in self._starts:
+            self._starts[s] = row_group_starts(self.footer(s))
+        return self._starts[s]
+
+    def columns(self, s: int) -> list[str]:
+        """Top-level column names of shard s."""
+        return self.footer(s).schema.to_arrow_schema().names
+
+    def read(self, s: int, local_rows: np.ndarray, columns: Sequence[str]) -> pa.Table:
+        """Some rows of shard s (in the order given); columns the shard lacks are left out."""
+        md = self.footer(s)
+        cols = [c for c in columns if c in self.columns(s)]
+        local_rows = np.asarray(local_rows, dtype=np.int64)
+        if not cols or not len(local_rows):
+            return pa.table({c: pa.nulls(len(local_rows)) for c in cols})  # no columns: no rows either
+        starts = self.group_starts(s)
+        self.groups_read += len(np.unique(np.searchsorted(starts, local_rows, side="right") - 1))
+
+        def read() -> pa.Table:
+            with self.store.fs.open(self.store.fs_path(self.paths[s]), "rb") as f:
+                return read_rows(pq.ParquetFile(f, metadata=md), local_rows, cols)
+
+        return with_retries(read, f"read rows of {self.paths[s]}")
+
+    def read_column(self, s: int, column: str) -> pa.ChunkedArray | None:
+        """One whole column of shard s (None when the shard lacks it)."""
+        md = self.footer(s)
+        if column not in self.columns(s):
+            return None
+        self.groups_read += md.num_row_groups
+
+        def read() -> pa.ChunkedArray:
+            with self.store.fs.open(self.store.fs_path(self.paths[s]), "rb") as f:
+                return pq.ParquetFile(f, metadata=md).read(columns=[column]).column(column)
+
+        return with_retries(read, f"read {column} of {self.paths[s]}")
+
+    def gather(self, ordinals: np.ndarray, columns: Sequence[str],
+               convert: Callable[[pa.Table], Sequence[Any]]) -> list[Any]:
+        """convert(table of some rows of one shard) -> one value per row, for each ordinal in the order
+        given. Each shard holding some of the rows is read once, only the row groups holding them."""
+        ordinals = np.asarray(ordinals, dtype=np.int64)
+        out: list[Any] = [None] * len(ordinals)
+        shard, local = self.locate(ordinals)
+        for s in np.unique(shard):
+            where = np.flatnonzero(shard == s)
+            uniq, inv = np.unique(local[where], return_inverse=True)
+            values = convert(self.read(int(s), uniq, columns))
+            for pos, j in zip(where, inv):
+                out[pos] = values[j] if j < len(values) else None  # a shard without any of the columns
+        return out
+
+    def take(self, ordinals: np.ndarray, columns: Sequence[str]) -> list[dict[str, Any]]:
+        """One {column: Python value} per ordinal (None where a shard lacks a column)."""
+        rows = self.gather(ordinals, columns, lambda table: table.to_pylist())
+        return [{c: (r or {}).get(c) for c in columns} for r in rows]

@@ -24,11 +24,13 @@ import numpy as np
 
 from ..index import tiers
 from ..index.factories import apply_search_params
-from ..index.tier_io import ONDISK, SHARDS, SINGLE, local_copy, read_ondisk
-from ..index.vector_io import read_vectors, take_vectors
+from ..index.tier_io import ONDISK, SHARDS, SINGLE, TierCache, read_ondisk, tier_local_paths
+from ..index.vector_io import ShardRows, _as_matrix, read_vectors
 from ..storage import Storage
+from .selectors import RowFilter, search_parameters, supports_filter
 
-IN_MEMORY_RESCORE_MAX_BYTES = 512 * 2**20  # below this, a reader keeps full-width vectors in memory
+IN_MEMORY_RESCORE_MAX_BYTES = 512 * 2**20  # below this, the build scores full-width vectors from memory
+READER_GROUP_CACHE_BYTES = 64 * 2**20  # a reader keeps the float16 row groups it rescored, up to this
 BLOCK_ROWS = 4096  # rows per exact-search block: [queries x 4096] scores at a time
 PAIR_CHUNK = 16384
 
@@ -59,12 +61,14 @@ class ShardedIndex:
         for s in self.shards:
             yield s() if self.lazy else s
 
-    def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, x: np.ndarray, k: int, skip: RowFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each shard's top k, merged; `skip`: hidden ordinals every shard skips (see supports_filter)."""
         parts = []
         for shard, n in zip(self._each(), self.ntotals):
             if n:
                 apply_search_params(shard, self.search_params, k)
-                parts.append(shard.search(x, min(k, n)))
+                params = None if skip is None else search_parameters(shard, self.search_params, min(k, n), skip)
+                parts.append(shard.search(x, min(k, n), params=params))
         dist = np.concatenate([p[0] for p in parts], axis=1)
         ids = np.concatenate([p[1] for p in parts], axis=1)
         key = np.where(ids < 0, np.inf, -dist if self.higher_is_better else dist)
@@ -82,17 +86,25 @@ class ShardedIndex:
         return out
 
 
-def open_tier(store: Storage, entry: Any, cache_dir: str | None = None) -> Any:
-    """The searchable object of a manifest tier: a FAISS index, or a ShardedIndex (shards layout)."""
+def open_tier(store: Storage, entry: Any, cache: TierCache | None = None) -> Any:
+    """The searchable object of a manifest tier: a FAISS index, or a ShardedIndex (shards layout, or a
+    tier with delta indexes).
+    Files of a remote index are read from the local tier cache (downloaded there once)."""
     layout = getattr(entry, "layout", SINGLE) or SINGLE
+    if layout not in (SINGLE, SHARDS, ONDISK):
+        raise ValueError(f"unknown tier layout {layout!r}")
+    paths = tier_local_paths(store, entry, cache)
     if layout == SINGLE:
-        return tiers.deserialize(store.read_bytes(entry.files[0]))
-    if layout == SHARDS:
-        return ShardedIndex([tiers.deserialize(store.read_bytes(f)) for f in entry.files],
-                            higher_is_better=entry.metric != "hamming")
-    if layout == ONDISK:
-        return read_ondisk(local_copy(store, list(entry.files), cache_dir)[0])
-    raise ValueError(f"unknown tier layout {layout!r}")
+        parts = [faiss.read_index(paths[0])]
+    elif layout == SHARDS:
+        parts = [faiss.read_index(p) for p in paths]
+    else:
+        parts = [read_ondisk(paths[0])]
+    # rows added by reindexes: delta indexes with global ids, searched with the tier's own files
+    parts += [faiss.read_index(p) for p in tier_local_paths(store, entry, cache, deltas=True)]
+    if len(parts) == 1 and layout != SHARDS:
+        return parts[0]
+    return ShardedIndex(parts, higher_is_better=entry.metric != "hamming")
 
 
 class TierSearcher:
@@ -105,13 +117,22 @@ class TierSearcher:
         self.binary = metric == "hamming"
         self.params = dict(params or {})
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def filters(self) -> bool:
+        """Whether `search(..., skip=)` skips hidden rows inside FAISS (else callers over-fetch)."""
+        return supports_filter(self.index)
+
+    def search(self, queries: np.ndarray, k: int, skip: RowFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top k per query; `skip`: ordinals to skip, applied by FAISS (only where `filters`)."""
         k = max(1, min(k, self.index.ntotal))
+        x = tiers.truncate(queries, self.dim)
         if isinstance(self.index, ShardedIndex):
             self.index.search_params = self.params
+            dist, ids = self.index.search(x, k, skip=skip)
         else:
             apply_search_params(self.index, self.params, k)
-        dist, ids = self.index.search(tiers.truncate(queries, self.dim), k)
+            params = None if skip is None else search_parameters(self.index, self.params, k, skip)
+            dist, ids = self.index.search(x, k, params=params)
         scores = -dist if self.binary else dist
         return np.where(ids < 0, -np.inf, scores).astype(np.float32), ids
 
@@ -158,20 +179,27 @@ class ParquetVectors:
     """Full-width vectors read from Parquet shards on demand; id = row ordinal over the shards.
 
     Rows are L2-renormalized after the float16 round trip (the full-width tier's definition), so scores
-    are cosines and agree with a full-width Flat tier. `score` reads only the shards (and row groups) that hold candidates, one shard at a time; with
-    `cache_bytes` > 0 whole shards (float16) are kept in an LRU cache up to that many bytes."""
+    are cosines and agree with a full-width Flat tier. `score` reads only the shards and row groups that
+    hold candidates (through `ShardRows`, shared with the reader's id/metadata fetches), one shard at a
+    time. Caches (float16, LRU, off by default): `cache_bytes` keeps whole shards (build-time streaming),
+    `group_cache_bytes` keeps the row groups candidates were read from (a reader's warm queries)."""
 
     def __init__(self, store: Storage, shard_paths: Sequence[str], shard_rows: Sequence[int], dim: int,
-                 column: str = "vector", cache_bytes: int = 0):
+                 column: str = "vector", cache_bytes: int = 0, group_cache_bytes: int = 0,
+                 rows: ShardRows | None = None):
         self.store = store
         self.paths = list(shard_paths)
         self.rows = np.asarray(shard_rows, dtype=np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.rows)]).astype(np.int64)
+        self.reader = rows or ShardRows(store, self.paths, self.rows)
+        self.offsets = self.reader.offsets
         self.dim = dim
         self.n = int(self.offsets[-1])
         self.column = column
         self.cache_bytes = cache_bytes
+        self.group_cache_bytes = group_cache_bytes
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._groups: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._group_bytes = 0
         self.rows_read = 0  # counters: what the funnel actually touched
         self.shards_read = 0
 
@@ -189,12 +217,42 @@ class ParquetVectors:
         return v
 
     def take(self, s: int, local_rows: np.ndarray) -> np.ndarray:
-        """Vectors of some rows of shard s (only their row groups are read, unless the shard is cached)."""
+        """Vectors of some rows of shard s (only their row groups are read, unless cached)."""
         if self.cache_bytes > 0:
             return self._shard(s)[local_rows]
         self.shards_read += 1
         self.rows_read += len(local_rows)
-        return take_vectors(self.store, self.paths[s], local_rows, self.column, dtype=np.float16)
+        if self.group_cache_bytes > 0:
+            return self._take_cached(s, np.asarray(local_rows, dtype=np.int64))
+        return _as_matrix(self.reader.read(s, local_rows, [self.column]).column(self.column), np.float16)
+
+    def _take_cached(self, s: int, local_rows: np.ndarray) -> np.ndarray:
+        """Rows of shard s through the row-group cache: missing groups are read in one call, then kept."""
+        starts = self.reader.group_starts(s)
+        group_of = np.searchsorted(starts, local_rows, side="right") - 1
+        missing = [int(g) for g in np.unique(group_of) if (s, int(g)) not in self._groups]
+        if missing:
+            first = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in missing])
+            block = _as_matrix(self.reader.read(s, first, [self.column]).column(self.column), np.float16)
+            at = 0
+            for g in missing:
+                n = int(starts[g + 1] - starts[g])
+                self._keep_group((s, g), block[at:at + n])
+                at += n
+        out = np.empty((len(local_rows), self._groups[(s, int(group_of[0]))].shape[1]), dtype=np.float16)
+        for g in np.unique(group_of):
+            sel = group_of == g
+            block = self._groups[(s, int(g))]
+            self._groups.move_to_end((s, int(g)))
+            out[sel] = block[local_rows[sel] - starts[g]]
+        return out
+
+    def _keep_group(self, key: tuple[int, int], block: np.ndarray) -> None:
+        self._groups[key] = np.ascontiguousarray(block)
+        self._group_bytes += block.nbytes
+        while self._group_bytes > self.group_cache_bytes and len(self._groups) > 1:
+            _, old = self._groups.popitem(last=False)
+            self._group_bytes -= old.nbytes
 
     def score(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Inner products [nq, m] of queries (full width) with the rows `ids` (-inf where id < 0)."""
@@ -274,10 +332,11 @@ class Funnel:
         self.stages = list(stages)
         self.factor = max(1, int(factor))
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, skip: RowFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top k per query; `skip`: hidden ordinals the first stage skips (where it `filters`)."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         width = k * self.factor if self.stages else k
-        scores, ids = self.first.search(q, width)
+        scores, ids = self.first.search(q, width, skip=skip) if skip is not None else self.first.search(q, width)
         for n, stage in enumerate(self.stages):
             last = n == len(self.stages) - 1
             keep = k if last else max(k, getattr(stage, "keep", None) or ids.shape[1])
@@ -297,12 +356,15 @@ def tier_funnel(index: Any, entry: Any, full_dim: int, rescore: int, vectors: Ve
 
 
 def full_width_source(store: Storage, shard_paths: Sequence[str], shard_rows: Sequence[int], dim: int,
-                      load: Any = None, cache_bytes: int = 0) -> VectorSource:
-    """In-memory vectors for small indexes (`load()` gives them), Parquet row reads above
-    IN_MEMORY_RESCORE_MAX_BYTES of float32 vectors."""
+                      load: Any = None, cache_bytes: int = 0, group_cache_bytes: int = 0,
+                      rows: ShardRows | None = None) -> VectorSource:
+    """In-memory vectors for small corpora when `load()` gives them (the build's sample), else Parquet
+    row reads of only the candidates (a reader: `rows` shares its footers, `group_cache_bytes` keeps
+    what warm queries reread)."""
     if load is not None and int(sum(shard_rows)) * dim * 4 <= IN_MEMORY_RESCORE_MAX_BYTES:
         return ArrayVectors(load())
-    return ParquetVectors(store, shard_paths, shard_rows, dim, cache_bytes=cache_bytes)
+    return ParquetVectors(store, shard_paths, shard_rows, dim, cache_bytes=cache_bytes,
+                          group_cache_bytes=group_cache_bytes, rows=rows)
 
 
 # -- exact search -----------------------------------------------------------------------------------

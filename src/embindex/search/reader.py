@@ -1,27 +1,42 @@
 """IndexReader: open a published version and search it.
 
-Funnel: ANN on the chosen tier -> shortlist of k * rescore -> rescored with the full-width vectors
-from the Parquet shards -> top k hits with id, score and metadata. Queries are encoded in-process
-through `models/` with the query role (and query task) the manifest records.
+Funnel: ANN on the chosen tier (default: the narrowest whose build-time rescored recall@10 reaches
+`search.recall_target`) -> shortlist of k * rescore -> rescored with the full-width vectors of only the
+shortlisted rows from the Parquet shards -> top k hits. A search reads what its hits need: ids,
+metadata and chunk offsets (and MaxSim's token vectors) of the hit / candidate rows only, from the row
+groups holding them (`ShardRows`: ordinal -> (shard, row) from the manifest's row counts, each
+Parquet footer read once). Tombstoned rows and rows of another modality are skipped inside the FAISS
+search (search-time selectors, see selectors.py); tiers FAISS cannot filter are over-fetched instead.
+Tier files of a remote index come from a persistent local cache shared by readers (index/tier_io.py).
+Queries are encoded in-process through `models/` with the query role (and query task) the manifest records.
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from ..index import tiers
+from ..config import SearchConfig
 from ..index.manifest import Manifest
+from ..index.multivector import maxsim_scores, shard_token_vectors
 from ..index.publish import latest_version, read_manifest
-from ..index.multivector import maxsim_scores, shard_token_vectors, token_candidates
 from ..index.shards import read_table, vectors_of
+from ..index.tier_io import TierCache, read_ondisk
 from ..index.tombstones import read_tombstones, tombstone_mask
-from ..storage import Storage, StorageOptions
+from ..index.vector_io import ShardRows
+from ..storage import Storage, StorageOptions, is_remote
 from . import funnel
+from .selectors import RowFilter, search_parameters, supports_filter
+
+DOC_COLUMNS = ["id", "meta", "chunk", "start", "end", "modality"]
+DOC_CACHE_ROWS = 4096  # decoded hit rows a reader keeps (warm queries share many hits)
 
 
 @dataclass
@@ -37,22 +52,54 @@ class Hit:
                 "meta": self.meta}
 
 
+def recall_target_of(manifest: Manifest) -> float:
+    """`search.recall_target` of the config the version was built with, else the default."""
+    stored = (manifest.config or {}).get("search") or {}
+    return float(stored.get("recall_target", SearchConfig().recall_target))
+
+
+def default_tier(manifest: Manifest, recall_target: float) -> int:
+    """Width of the narrowest tier whose build-time rescored recall@k (manifest.quality) reaches
+    `recall_target`; the widest tier when none does (or the manifest has no quality numbers)."""
+    quality = manifest.quality or {}
+    k = quality.get("k", 10)
+    per_tier = quality.get("tiers", {})
+    for t in sorted(manifest.tiers, key=lambda t: t.dim):
+        recall = per_tier.get(str(t.dim), {}).get(f"recall@{k}_rescored")
+        if recall is not None and recall >= recall_target:
+            return t.dim
+    return max(t.dim for t in manifest.tiers)
+
+
 class IndexReader:
-    """A read-only view of one version of an index (default: the latest published)."""
+    """A read-only view of one version of an index (default: the latest published).
+
+    `recall_target`: default-tier choice (see `default_tier`; default: the version's
+    `search.recall_target`, else 0.99). `cache_dir` / `cache_max_bytes`: the local tier-file cache of
+    remote indexes (default $EMBINDEX_CACHE or ~/.cache/embindex, $EMBINDEX_CACHE_MAX_MB or 10 GiB)."""
 
     def __init__(self, uri: str, version: str | None = None, storage: dict[str, Any] | None = None,
-                 model_path: str | None = None, device: str | None = None):
+                 model_path: str | None = None, device: str | None = None, recall_target: float | None = None,
+                 cache_dir: str | None = None, cache_max_bytes: int | None = None):
         self.storage = Storage(uri, StorageOptions.from_dict(storage))
         self.version = version or latest_version(self.storage)
         self.manifest: Manifest = read_manifest(self.storage, self.version)
+        self.recall_target = recall_target_of(self.manifest) if recall_target is None else float(recall_target)
+        self.tier_cache = TierCache(cache_dir, cache_max_bytes)
+        m = self.manifest
+        self.rows = ShardRows(self.storage, [s.path for s in m.shards], [s.rows for s in m.shards])
         self._model_path = model_path
         self._device = device
         self._embedder = None
         self._tiers: dict[int, Any] = {}
-        self._docs = None  # (ids, meta) of all rows in ordinal order
+        self._full: funnel.VectorSource | None = None  # full-width rows of the shortlists (row-group cache)
+        self._doc_rows: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._docs = None  # (ids, meta) of all rows, only when `ids` is asked for
         self._chunks: list[dict | None] = []
         self._modalities: np.ndarray | None = None
+        self._is_image: np.ndarray | None = None
         self._hidden: dict[str, np.ndarray] = {}  # modality -> rows a search with that filter skips
+        self._filters: dict[str | None, RowFilter] = {}
         self._token_vectors: list[np.ndarray] | None = None
         self._token_index = None
         self._tombstones: np.ndarray | None = None
@@ -74,14 +121,22 @@ class IndexReader:
             self._embedder = Embedder(load_family(spec), device=self._device)
         return self._embedder
 
+    @property
+    def default_tier(self) -> int:
+        """The tier a search without `tier=` uses (see `default_tier`)."""
+        return default_tier(self.manifest, self.recall_target)
+
+    def _tier_dim(self, tier: int | None) -> int:
+        return self.default_tier if tier is None else int(tier)
+
     def tier_index(self, dim: int):
         """The tier's search object: a FAISS index, or funnel.ShardedIndex (layout in the manifest)."""
         if dim not in self._tiers:
-            self._tiers[dim] = funnel.open_tier(self.storage, self.manifest.tier(dim))
+            self._tiers[dim] = funnel.open_tier(self.storage, self.manifest.tier(dim), self.tier_cache)
         return self._tiers[dim]
 
     def _load_docs(self) -> None:
-        """ids, metadata and chunk offsets of every row (not the vectors: see `vectors`)."""
+        """ids, metadata and chunk offsets of every row (for `ids`; searches never need it)."""
         ids: list[str] = []
         metas: list[str | None] = []
         chunks: list[dict | None] = []
@@ -103,7 +158,8 @@ class IndexReader:
 
     @property
     def vectors(self) -> np.ndarray:
-        """Full-width vectors of every row, in ordinal order (loaded on first use)."""
+        """Full-width vectors of every row, in ordinal order (loaded on first use; searches read only
+        their shortlists' rows)."""
         if self._vectors is None:
             vecs = [vectors_of(read_table(self.storage, s.path, columns=["vector"])) for s in self.manifest.shards]
             self._vectors = np.concatenate(vecs) if vecs else np.zeros((0, self.manifest.dim), np.float32)
@@ -111,6 +167,7 @@ class IndexReader:
 
     @property
     def ids(self) -> list[str]:
+        """Ids of every row in ordinal order (reads every shard's id and metadata; searches do not)."""
         if self._docs is None:
             self._load_docs()
         return self._docs[0]
@@ -123,6 +180,24 @@ class IndexReader:
                 mats.extend(shard_token_vectors(read_table(self.storage, shard.path, columns=["token_vectors"])))
             self._token_vectors = mats
         return self._token_vectors
+
+    def token_vectors_of(self, ordinals: np.ndarray) -> list[np.ndarray]:
+        """Token vectors of some rows (in the order given), read from the row groups holding them."""
+        if self._token_vectors is not None:
+            return [self._token_vectors[i] for i in ordinals]
+        return self.rows.gather(ordinals, ["token_vectors"], shard_token_vectors)
+
+    @property
+    def full_width(self) -> funnel.VectorSource:
+        """What rescoring reads: vectors already in memory, else only the shortlisted rows from Parquet
+        (their row groups kept in an LRU cache of READER_GROUP_CACHE_BYTES)."""
+        if self._vectors is not None:
+            return funnel.ArrayVectors(self._vectors)
+        if self._full is None:
+            m = self.manifest
+            self._full = funnel.ParquetVectors(self.storage, self.rows.paths, [s.rows for s in m.shards], m.dim,
+                                               group_cache_bytes=funnel.READER_GROUP_CACHE_BYTES, rows=self.rows)
+        return self._full
 
     # -- search ---------------------------------------------------------------------------------
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
@@ -139,7 +214,7 @@ class IndexReader:
 
     def search(self, queries: Sequence[str] | str, k: int = 10, tier: int | None = None,
                rescore: int | None = None, modality: str | None = None) -> list[list[Hit]]:
-        """Hits per text query. `tier`: width of the ANN tier (default the narrowest); `rescore`: shortlist
+        """Hits per text query. `tier`: width of the ANN tier (default `default_tier`); `rescore`: shortlist
         factor (default from the manifest's build config; 0 or 1 disables full-width rescoring);
         `modality`: only "text" or only "image" rows of a mixed index. Chunked indexes return documents
         scored by their best chunk; multi-vector indexes rank by MaxSim."""
@@ -183,24 +258,43 @@ class IndexReader:
             fetch *= 4
 
     def search_rows(self, query_vectors: np.ndarray, k: int = 10, tier: int | None = None,
-                    rescore: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, row ordinals) per query: ANN on the tier, then full-width rescoring of k * rescore."""
-        entry = self.manifest.tier(tier)
+                    rescore: int | None = None, skip: RowFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, row ordinals) per query: ANN on the tier, then full-width rescoring of k * rescore.
+        `skip`: rows the ANN search leaves out (tiers whose index `supports_filter`)."""
+        entry = self.manifest.tier(self._tier_dim(tier))
         if rescore is None:
             rescore = int(self.manifest.config.get("index", {}).get("rescore", 10))
         q = np.ascontiguousarray(query_vectors, dtype=np.float32)
-        m = self.manifest
-        # full-width vectors: in memory when loaded or small, else only the shortlisted rows from Parquet
-        full = funnel.ArrayVectors(self._vectors) if self._vectors is not None else funnel.full_width_source(
-            self.storage, [s.path for s in m.shards], [s.rows for s in m.shards], m.dim, load=lambda: self.vectors)
-        return funnel.tier_funnel(self.tier_index(entry.dim), entry, m.dim, rescore, full).search(q, k)
+        index = self.tier_index(entry.dim)
+        return funnel.tier_funnel(index, entry, self.manifest.dim, rescore, self.full_width).search(q, k, skip=skip)
 
     def hits(self, scores: np.ndarray, ordinals: np.ndarray) -> list[Hit]:
-        """Hits for row ordinals (-1 entries skipped)."""
-        self.ids  # noqa: B018 - make sure ids/meta are loaded
-        doc_ids, metas = self._docs
-        return [Hit(id=doc_ids[i], score=float(s), meta=json.loads(metas[i]) if metas[i] else {},
-                    chunk=self._chunks[i], modality=self._modalities[i]) for s, i in zip(scores, ordinals) if i >= 0]
+        """Hits for row ordinals (-1 entries skipped); reads only those rows' ids and metadata."""
+        return self._hits_many([(scores, ordinals)])[0]
+
+    def _hits_many(self, results: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[list[Hit]]:
+        """Hits of several queries, their rows fetched together (each row group read once)."""
+        wanted = [np.asarray(i)[np.asarray(i) >= 0] for _, i in results]
+        docs = self._doc_fields(np.unique(np.concatenate(wanted)) if wanted else np.zeros(0, np.int64))
+        return [[Hit(score=float(s), **docs[int(i)]) for s, i in zip(scores, ords) if i >= 0]
+                for scores, ords in results]
+
+    def _doc_fields(self, ordinals: np.ndarray) -> dict[int, dict[str, Any]]:
+        """Hit fields (id, meta, chunk, modality) of rows, through a small LRU of decoded rows."""
+        missing = np.array([i for i in ordinals.tolist() if i not in self._doc_rows], dtype=np.int64)
+        for i, row in zip(missing.tolist(), self.rows.take(missing, DOC_COLUMNS) if len(missing) else []):
+            self._doc_rows[i] = {
+                "id": row["id"], "meta": json.loads(row["meta"]) if row["meta"] else {},
+                "chunk": None if row["chunk"] is None else {"index": row["chunk"], "start": row["start"],
+                                                            "end": row["end"]},
+                "modality": row["modality"] or "text"}  # shards written before image support: text
+        out = {}
+        for i in ordinals.tolist():
+            self._doc_rows.move_to_end(i)
+            out[i] = self._doc_rows[i]
+        while len(self._doc_rows) > max(DOC_CACHE_ROWS, len(ordinals)):
+            self._doc_rows.popitem(last=False)
+        return out
 
     @property
     def tombstones(self) -> np.ndarray:
@@ -212,33 +306,59 @@ class IndexReader:
     @property
     def stored_rows(self) -> int:
         """Rows in the shards, tombstoned ones included (FAISS ids run over all of them)."""
-        return sum(s.rows for s in self.manifest.shards)
+        return self.rows.n
+
+    def _image_rows(self) -> np.ndarray:
+        """Whether each row is an image, from the `modality` column alone (shards without it: text)."""
+        if self._is_image is None:
+            parts = []
+            for s, shard in enumerate(self.manifest.shards):
+                col = self.rows.read_column(s, "modality")
+                parts.append(np.zeros(shard.rows, dtype=bool) if col is None else
+                             pc.fill_null(pc.equal(col, "image"), False).to_numpy(zero_copy_only=False))
+            self._is_image = np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+        return self._is_image
 
     def hidden_rows(self, modality: str | None = None) -> np.ndarray:
-        """Sorted ordinals that searches skip: tombstoned rows, and rows of another modality."""
+        """Sorted ordinals that searches skip: tombstoned rows, and rows of another modality. The modality
+        column is read only for a mixed-input model (a text-only model's rows are all text)."""
         if modality is None:
             return self.tombstones
         if modality not in ("text", "image"):
             raise ValueError(f"modality must be 'text' or 'image', got {modality!r}")
         if modality not in self._hidden:  # computed once per reader, not per query
-            self.ids  # noqa: B018 - modalities load with the ids
-            other = np.flatnonzero(self._modalities != modality)
+            if "image" in self.manifest.model.modalities:
+                other = np.flatnonzero(self._image_rows() != (modality == "image"))
+            else:
+                other = np.arange(self.stored_rows) if modality == "image" else np.zeros(0, np.int64)
             self._hidden[modality] = np.union1d(self.tombstones, other).astype(np.int64)
         return self._hidden[modality]
 
+    def _skip(self, modality: str | None, index: Any) -> RowFilter | None:
+        """The FAISS filter of the rows a search skips, when there are any and `index` can apply it."""
+        if self.hidden_rows(modality).size == 0 or not supports_filter(index):
+            return None
+        if modality not in self._filters:
+            self._filters[modality] = RowFilter(self.hidden_rows(modality), self.stored_rows)
+        return self._filters[modality]
+
     def search_vectors(self, query_vectors: np.ndarray, k: int = 10, tier: int | None = None,
                        rescore: int | None = None, modality: str | None = None) -> list[list[Hit]]:
-        """Row hits for unit query vectors; the shortlist widens until k visible rows are found."""
+        """Row hits for unit query vectors. Hidden rows are skipped inside FAISS where the tier supports
+        selectors, else over-fetched and dropped; the shortlist widens until k visible rows are found."""
         total = self.stored_rows
-        if total == 0:
-            return [[] for _ in range(len(query_vectors))]
         hidden = self.hidden_rows(modality)
-        fetch = min(total, k + min(int(hidden.size), 10 * k))  # over-fetch, then drop hidden rows
+        need = min(k, total - int(hidden.size))
+        if need <= 0:
+            return [[] for _ in range(len(query_vectors))]
+        dim = self._tier_dim(tier)
+        skip = self._skip(modality, self.tier_index(dim))
+        fetch = k if skip is not None else min(total, k + min(int(hidden.size), 10 * k))
         while True:
-            scores, ids = self.search_rows(query_vectors, k=fetch, tier=tier, rescore=rescore)
+            scores, ids = self.search_rows(query_vectors, k=fetch, tier=dim, rescore=rescore, skip=skip)
             visible = [~tombstone_mask(i, hidden) & (i >= 0) for i in ids]
-            if fetch >= total or all(int(v.sum()) >= k for v in visible):
-                return [self.hits(s[v][:k], i[v][:k]) for s, i, v in zip(scores, ids, visible)]
+            if fetch >= total or all(int(v.sum()) >= need for v in visible):
+                return self._hits_many([(s[v][:k], i[v][:k]) for s, i, v in zip(scores, ids, visible)])
             fetch = min(total, fetch * 4)
 
     def search_multivector(self, queries: Sequence[str], k: int = 10, tier: int | None = None,
@@ -248,39 +368,64 @@ class IndexReader:
         q = self.embedder.encode_multi(list(queries), role="query", task=self.manifest.model.query_task)
         return self._search_multivector(*q, k=k, tier=tier, rescore=rescore, token_k=token_k, modality=modality)
 
+    def token_index(self) -> faiss.Index:
+        """The token-level index of a multi-vector index (from the tier cache for a remote index)."""
+        if self._token_index is None:
+            entry = self.manifest.outputs["multivector"]["token_index"]
+            rels = entry.get("files") or [entry["file"]]  # an IVF token index: header + on-disk lists
+            paths = (self.tier_cache.paths(self.storage, rels) if is_remote(self.storage.root)
+                     else [self.storage.fs_path(r) for r in rels])
+            self._token_index = read_ondisk(paths[0]) if len(rels) > 1 else faiss.read_index(paths[0])
+            if entry.get("nprobe"):
+                faiss.extract_index_ivf(self._token_index).nprobe = int(entry["nprobe"])
+        return self._token_index
+
+    def _token_candidates(self, query: np.ndarray, token_k: int, modality: str | None, need: int) -> np.ndarray:
+        """Visible rows whose tokens are among the `token_k` nearest of any query token, widened until
+        `need` rows are candidates (or every token was fetched)."""
+        index = self.token_index()
+        hidden = self.hidden_rows(modality)
+        skip = self._skip(modality, index)
+        q = np.ascontiguousarray(query, dtype=np.float32)
+        tk = token_k
+        while True:
+            params = None if skip is None else search_parameters(index, {}, tk, skip)
+            _, ids = index.search(q, min(tk, index.ntotal), params=params)
+            cand = np.unique(ids[ids >= 0])
+            cand = cand[~tombstone_mask(cand, hidden)]
+            if len(cand) >= need or tk >= index.ntotal:
+                return cand
+            tk *= 4
+
     def _search_multivector(self, single: np.ndarray, q_tokens: list[np.ndarray], k: int = 10,
                             tier: int | None = None, rescore: int | None = None, token_k: int | None = None,
                             modality: str | None = None) -> list[list[Hit]]:
         """Candidates from the token index (`token_k` nearest stored tokens per query token; default from
-        the manifest) or the single-vector tier (k * rescore), ranked by MaxSim."""
+        the manifest) or the single-vector tier (k * rescore), ranked by MaxSim over the candidates'
+        token vectors (read for those rows only)."""
         mv = self.manifest.outputs["multivector"]
-        stored = self.token_vectors()
         if rescore is None:
             rescore = int(self.manifest.config.get("index", {}).get("rescore", 10))
         token_k = token_k or int(mv.get("token_k", 64))
         hidden = self.hidden_rows(modality)
-        out = []
-        visible = self.stored_rows - int(hidden.size)
+        need = min(k, self.stored_rows - int(hidden.size))
+        if need <= 0:
+            return [[] for _ in range(len(single))]
+        ranked = []
         for s, q in zip(single, q_tokens):
             if mv.get("token_index"):
-                if self._token_index is None:
-                    self._token_index = tiers.deserialize(self.storage.read_bytes(mv["token_index"]["file"]))
-                tk = token_k
-                while True:  # widen until k visible documents are candidates (or every token was fetched)
-                    cand = token_candidates(self._token_index, q, tk)
-                    cand = cand[~tombstone_mask(cand, hidden)]
-                    if len(cand) >= min(k, visible) or tk >= self._token_index.ntotal:
-                        break
-                    tk *= 4
+                cand = self._token_candidates(q, token_k, modality, need)
             else:
-                fetch = min(self.stored_rows, k * max(rescore, 1) + int(hidden.size))
-                _, rows = self.search_rows(s[None, :], k=fetch, tier=tier, rescore=1)
+                dim = self._tier_dim(tier)
+                skip = self._skip(modality, self.tier_index(dim))
+                fetch = k * max(rescore, 1) + (0 if skip is not None else int(hidden.size))
+                _, rows = self.search_rows(s[None, :], k=min(self.stored_rows, fetch), tier=dim, rescore=1, skip=skip)
                 cand = rows[0][rows[0] >= 0]
                 cand = cand[~tombstone_mask(cand, hidden)]
-            scores = maxsim_scores(q, [stored[i] for i in cand])
+            scores = maxsim_scores(q, self.token_vectors_of(cand))
             order = np.argsort(-scores, kind="stable")[:k]
-            out.append(self.hits(scores[order], cand[order]))
-        return out
+            ranked.append((scores[order], cand[order]))
+        return self._hits_many(ranked)
 
 
 CHUNKS_PER_HIT = 8  # rows fetched per requested hit before grouping chunks by document
@@ -297,5 +442,6 @@ def best_chunk_per_document(hits: list[Hit], k: int) -> list[Hit]:
 
 def open_index(uri: str, version: str | None = None, storage: dict[str, Any] | None = None,
                **kwargs: Any) -> IndexReader:
-    """Open the latest published version of the index at `uri` (local path or s3:// URI)."""
+    """Open the latest published version of the index at `uri` (local path or s3:// URI); keyword
+    arguments go to IndexReader (model_path, device, recall_target, cache_dir, cache_max_bytes)."""
     return IndexReader(uri, version=version, storage=storage, **kwargs)
