@@ -141,11 +141,44 @@ def test_tiers_are_retrained_when_the_index_outgrows_them(ray_cluster, tmp_path)
     assert reindex(cfg, log=None).manifest.trained_rows == 20
     corpus.write_text("".join(json.dumps(d) + "\n" for d in docs[:30]))  # 30 <= 2 x 20: extend the tiers
     grown = reindex(cfg, log=None).manifest
-    assert grown.trained_rows == 20 and grown.tiers[0].layout == "shards" and len(grown.tiers[0].files) == 2
+    assert grown.trained_rows == 20 and len(grown.tiers[0].files) == 1 and len(grown.tiers[0].deltas) == 1
     assert "carried_from" in grown.quality
     corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))  # 60 > 2 x 20: retrain every tier
     retrained = reindex(cfg, log=None).manifest
     assert retrained.trained_rows == 60 and retrained.delta["added"] == 30
-    assert len(retrained.tiers[0].files) == 1 and "carried_from" not in retrained.quality
+    assert len(retrained.tiers[0].files) == 1 and not retrained.tiers[0].deltas
+    assert "carried_from" not in retrained.quality
     hits = embindex.open_index(str(tmp_path / "idx")).search([d["text"] for d in docs[40:43]], k=1)
     assert [h[0].id for h in hits] == [d["id"] for d in docs[40:43]]
+
+
+@pytest.mark.parametrize("factory", ["IVF4,Flat", "HNSW8,Flat", "Flat"])
+def test_reindex_embeds_only_the_delta_for_every_tier_layout(ray_cluster, tmp_path, factory):
+    """IVF tiers (inverted lists on disk), HNSW and Flat: a reindex adds delta indexes built on the
+    trained tiers, embeds only new and changed documents, and after `max_tier_deltas` deltas rebuilds
+    the tiers from the stored vectors, still without embedding anything else."""
+    docs = sample_docs(70)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs[:50]))
+    uri = str(tmp_path / "idx")
+    cfg = job_config(str(corpus), uri, index={"factory": factory, "tiers": [32, "full"], "max_tier_deltas": 2,
+                                              "quality_sample": 20})
+    first = reindex(cfg, log=None).manifest
+    assert first.tiers[0].layout == ("ondisk" if factory.startswith("IVF") else "single")
+    edited = dict(docs[0], text=docs[0]["text"] + " Edited: now about sockets and ports.")
+    messages: list[str] = []
+    for day, rows in enumerate([[edited] + docs[1:55], [edited] + docs[1:60], [edited] + docs[1:65]], start=1):
+        corpus.write_text("".join(json.dumps(d) + "\n" for d in rows))
+        m = reindex(cfg, log=messages.append).manifest
+        assert m.delta["documents_embedded"] == (6 if day == 1 else 5)  # only new and changed documents
+        assert m.counts.documents == len(rows) and m.fingerprint == first.fingerprint
+        assert [t.layout for t in m.tiers] == [t.layout for t in first.tiers]
+        # day 1 and 2 add a delta index per tier; day 3 finds 2 deltas (the cap) and rebuilds from Parquet
+        assert [len(t.deltas) for t in m.tiers] == ([day] * 2 if day < 3 else [0, 0])
+        reader = embindex.open_index(uri)
+        hits = reader.search([edited["text"]] + [d["text"] for d in rows[-3:]], k=1, tier=32)
+        assert [h[0].id for h in hits] == [edited["id"]] + [d["id"] for d in rows[-3:]]
+        everything = reader.search([docs[1]["text"]], k=len(rows) + 5, tier=32, rescore=1)[0]
+        assert sorted(h.id for h in everything) == sorted(d["id"] for d in rows)  # no stale row, none lost
+    assert any("index.max_tier_deltas" in msg and "nothing re-embedded" in msg for msg in messages)
+    assert not any("full rebuild" in msg for msg in messages)

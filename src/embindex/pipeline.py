@@ -9,13 +9,10 @@ import hashlib
 import secrets
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from .checkpoints import model_spec
 from .config import JobConfig, load_config
@@ -26,11 +23,12 @@ from .index.manifest import Counts, Manifest, ModelEntry, RejectsEntry, ShardEnt
 from .index.commits import published_version, read_commits, read_run_record, unfinished_runs, write_run_record
 from .index.gc import collect_garbage
 from .index.publish import latest_version, list_versions, publish, read_manifest
-from .index.shards import read_table, write_fragment
+from .index.shards import count_documents, read_table, write_fragment
 from .index.multivector import build_token_index
 from .index.tier_builder import build_tiers
 from .models import load_family
 from .models.base import checkpoint_hash
+from .sources.census import take_census
 from .sources.normalize import mark_duplicates
 from .ray_runtime import actor_resources, ray_session
 from .sources.readers import open_corpus
@@ -73,18 +71,6 @@ def _run_id(cfg: JobConfig) -> str:
     if cfg.run.id:
         return cfg.run.id
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
-
-
-def _count_and_find_duplicates(ds: Any) -> tuple[Counter[str], set[str]]:
-    """First pass over the normalized rows: rows per fragment and the ids that occur more than once
-    among documents."""
-    seen: Counter[str] = Counter()
-    per_fragment: Counter[str] = Counter()
-    for batch in ds.select_columns(["id", "reject", "fragment"]).iter_batches(batch_format="pyarrow",
-                                                                              batch_size=None):
-        per_fragment.update(batch.column("fragment").to_pylist())
-        seen.update(batch.filter(pc.is_null(batch.column("reject"))).column("id").to_pylist())
-    return per_fragment, {i for i, n in seen.items() if n > 1}
 
 
 class Job:
@@ -161,7 +147,7 @@ class Job:
         return parts, rejects
 
     def publish(self, *, shards: list[ShardEntry], tokens: int, rejects: list[dict],
-                tier_entries: list, quality: dict, counts: Counts, token_index: tuple[str, int] | None,
+                tier_entries: list, quality: dict, counts: Counts, token_index: dict[str, Any] | None,
                 fragments: dict[str, int], **extra: Any) -> BuildResult:
         cfg, info = self.cfg, self.info
         self.timings["total_s"] = round(time.perf_counter() - self.t0, 3)
@@ -225,8 +211,8 @@ def build(
     cfg = job.cfg
     with ray_session(cfg.resources):
         job.start()
-        per_fragment, duplicates = _count_and_find_duplicates(job.corpus.dataset())
-        rows_in = sum(per_fragment.values())
+        census = take_census(job.corpus.dataset(), len(job.corpus.fragments))
+        per_fragment, duplicates, rows_in = census.rows, census.duplicates, census.rows_in
         log(f"[embindex] {rows_in} rows in {len(job.corpus.files)} {job.corpus.format} file(s), "
             f"{len(job.corpus.fragments)} fragment(s); {len(duplicates)} duplicated id(s)")
 
@@ -295,17 +281,23 @@ def _embed_fragments(job: Job, todo: list[Any], steps: list[tuple[Callable, dict
 
 def reconcile(store: Storage, parts: list[dict[str, Any]], rejects: list[dict[str, Any]],
               rows_in: int) -> tuple[int, int, int]:
-    """Check rows in = documents indexed + rows rejected and that no (id, chunk) is indexed twice.
-    Returns (rows, documents, rejected); raises ReconciliationError (nothing is published)."""
+    """Check rows in = documents indexed + rows rejected from the commit records (O(fragments)); the
+    write step checked each fragment for repeated (id, chunk) and the pre-pass made ids unique across
+    fragments. Returns (rows, documents, rejected); raises ReconciliationError (nothing is published)."""
     n_rows = sum(r["rows"] for r in parts)
     n_rej = sum(r["rows"] for r in rejects)
-    keys = [k for p in parts for k in _row_keys(read_table(store, p["path"], columns=["id", "chunk"]))]
-    n_docs = len({i for i, _ in keys})
-    if len(set(keys)) != len(keys):
-        raise ReconciliationError("a document (or chunk) was indexed more than once; not published")
+    n_docs = sum(_documents(store, p) for p in parts)
     if n_docs + n_rej != rows_in:
         raise ReconciliationError(f"rows in {rows_in} != indexed {n_docs} + rejected {n_rej}; not published")
     return n_rows, n_docs, n_rej
+
+
+def _documents(store: Storage, part: dict[str, Any]) -> int:
+    """Documents in a part: from its commit record (runs committed before records carried the count:
+    its ids, one part at a time)."""
+    if part.get("documents") is not None:
+        return int(part["documents"])
+    return count_documents(read_table(store, part["path"], columns=["id", "chunk"]))
 
 
 def build_fingerprint(cfg: JobConfig, checkpoint: str) -> str:
@@ -356,10 +348,6 @@ def window_overlap(cfg: JobConfig, window: int) -> int:
     return lc.window_overlap if lc and lc.window_overlap is not None else min(256, window // 4)
 
 
-def _row_keys(table: pa.Table) -> list[tuple[str, int | None]]:
-    return list(zip(table.column("id").to_pylist(), table.column("chunk").to_pylist()))
-
-
 def check_outputs(cfg: JobConfig, info: Any) -> None:
     """Fail before any worker starts when the model cannot produce the configured outputs."""
     mode = cfg.outputs.mode
@@ -376,7 +364,7 @@ def check_outputs(cfg: JobConfig, info: Any) -> None:
 
 
 def outputs_entry(cfg: JobConfig, info: Any, window: int, tokens: int,
-                  token_index: tuple[str, int] | None) -> dict[str, Any]:
+                  token_index: dict[str, Any] | None) -> dict[str, Any]:
     """What the manifest records about the outputs: the mode, its settings and multi-vector storage."""
     entry: dict[str, Any] = {"mode": cfg.outputs.mode, **cfg.outputs.model_dump(mode="json")}
     if cfg.outputs.late_chunking is not None:
@@ -388,8 +376,7 @@ def outputs_entry(cfg: JobConfig, info: Any, window: int, tokens: int,
             score="maxsim",
         )
         if token_index is not None:
-            entry["multivector"]["token_index"] = {"file": token_index[0], "factory": "IDMap2,Flat",
-                                                   "vectors": token_index[1]}
+            entry["multivector"]["token_index"] = token_index
     return entry
 
 

@@ -68,8 +68,7 @@ def compact(uri: str, storage: dict[str, Any] | None = None, threshold: float = 
     outputs = json.loads(json.dumps(base.outputs))
     mv = outputs.get("multivector")
     if mv and mv.get("token_index"):
-        rel, n = build_token_index(store, paths, int(mv.get("dim") or base.dim), run_id)
-        mv["token_index"] = {**mv["token_index"], "file": rel, "vectors": n}
+        mv["token_index"] = build_token_index(store, paths, int(mv.get("dim") or base.dim), run_id)
     rows = sum(s.rows for s in shards)
     manifest = base.model_copy(deep=True, update={
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_id": run_id, "shards": shards, "tiers": tier_entries, "quality": quality,

@@ -35,9 +35,10 @@ def files_of(m: Manifest) -> set[str]:
     files = {s.path for s in m.shards} | {r.path for r in m.rejects}
     for t in m.tiers:
         files.update(t.files)
+        files.update(t.deltas)
     mv = (m.outputs or {}).get("multivector") or {}
     if mv.get("token_index"):
-        files.add(mv["token_index"]["file"])
+        files.update(mv["token_index"].get("files") or [mv["token_index"]["file"]])
     if (m.tombstones or {}).get("path"):
         files.add(m.tombstones["path"])
     return files

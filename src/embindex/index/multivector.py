@@ -1,17 +1,54 @@
 """Multi-vector storage and candidate generation: a token-level FAISS index whose ids are the row
-ordinals of the documents the tokens belong to, and MaxSim over stored token vectors."""
+ordinals of the documents the tokens belong to, and MaxSim over stored token vectors.
+
+The token index is built out of core (`build_token_index`), like the tiers (tier_builder.py):
+
+  1. plan     row counts per shard from the Parquet footers -> row-ordinal offsets
+  2. train    only when the factory needs it (IVF): on a reservoir sample of token vectors, read
+              one shard at a time (sampling.Reservoir)
+  3. fill     one Ray task per shard (filling.run_tasks / fill_index): reads that shard's token
+              vectors, adds them to a copy of the empty/trained index with id = row ordinal, writes
+              a partial index under shards/<run>/tokens/
+  4. merge    one partial at a time into shards/<run>/tokens.faiss; partials are then removed.
+              Flat (the default, what the manifest calls "IDMap2,Flat"): the file is streamed in
+              FAISS's own IndexIDMap2(IndexFlat) format, byte for byte what `faiss.serialize_index`
+              writes for the same index, so search/reader.py reads it as before. IVF factories: FAISS
+              on-disk layout (tokens.faiss header + tokens.ivfdata, merge.py), opened with
+              `open_token_index`.
+
+Driver memory: one shard's token vectors (or one partial index) plus the training sample.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import os
+import resource
+import shutil
+import struct
+import tempfile
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from ..storage import Storage
-from . import layout
+from ..storage import Storage, StorageOptions, is_remote
+from . import layout, tiers
+from .factories import ivf_nlist, ivf_of, make_index
+from .filling import fill_index, list_sizes, run_tasks
+from .merge import merge_ondisk
+from .sampling import Reservoir
 from .shards import read_table
+from .tier_io import local_copy, read_ondisk
+from .training import train_index
+from .vector_io import shard_rows
+
+TOKEN_FACTORY = "Flat"  # the manifest's "IDMap2,Flat"
+TOKEN_FLAT_MAX = 2_000_000  # token vectors in one Flat file (1 GB at 128-d); more: IVF on disk
+TOKEN_TRAIN_SAMPLE = 100_000
+TOKEN_MIN_NPROBE = 32
 
 
 def token_matrix(cell: pa.ListScalar | pa.Array) -> np.ndarray:
@@ -25,30 +62,205 @@ def token_matrix(cell: pa.ListScalar | pa.Array) -> np.ndarray:
 
 def shard_token_vectors(table: pa.Table) -> list[np.ndarray]:
     """All rows' token matrices of a shard table with a `token_vectors` column."""
+    flat, lengths = shard_tokens(table)
+    ends = np.cumsum(lengths)
+    return [flat[e - n : e] for e, n in zip(ends, lengths)]
+
+
+def shard_tokens(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """All token vectors of a shard as one [n_tokens, d] float32 matrix, and the token count per row."""
     col = table.column("token_vectors").combine_chunks()
     d = col.type.value_type.list_size
-    offsets = col.offsets.to_numpy()
-    flat = col.values.flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32)
-    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(col))]
+    flat = col.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32)
+    return flat, col.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def build_token_index(store: Storage, shard_paths: Sequence[str], dim: int, run_id: str) -> tuple[str, int]:
-    """Flat inner-product index over every stored token vector, id = the token's row ordinal.
-    Reads one shard at a time. Returns the file path and the number of token vectors."""
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    base = 0
-    for path in shard_paths:
-        mats = shard_token_vectors(read_table(store, path, columns=["token_vectors"]))
-        if mats:
-            lengths = [len(m) for m in mats]
-            ids = np.repeat(np.arange(base, base + len(mats), dtype=np.int64), lengths)
-            vecs = np.concatenate(mats) if sum(lengths) else np.zeros((0, dim), np.float32)
-            if len(vecs):
-                index.add_with_ids(np.ascontiguousarray(vecs), ids)
-        base += len(mats)
+def token_ids(lengths: np.ndarray, offset: int) -> np.ndarray:
+    """The row ordinal of every token: row i of the shard (offset + i) repeated lengths[i] times."""
+    return np.repeat(np.arange(offset, offset + len(lengths), dtype=np.int64), lengths)
+
+
+def partial_rel(run_id: str, i: int) -> str:
+    return f"{layout.run_dir(run_id)}/tokens/part-{i:05d}.faiss"
+
+
+def ivfdata_rel(rel: str) -> str:
+    """The on-disk lists file next to an IVF token index header."""
+    return rel[: -len(".faiss")] + ".ivfdata"
+
+
+def fill_token_shard(root: str, options: StorageOptions, shard_rel: str, offset: int, out_rel: str,
+                     wrap_ids: bool, trained: bytes) -> dict[str, Any]:
+    """Ray task: one shard's token vectors into a copy of `trained` (ids = row ordinals), written to `out_rel`."""
+    store = Storage(root, options)
+    vecs, lengths = shard_tokens(read_table(store, shard_rel, columns=["token_vectors"]))
+    index = fill_index(tiers.deserialize(trained), vecs, offset, wrap_ids, ids=token_ids(lengths, offset))
+    data = tiers.serialize(index)
+    store.write_bytes(out_rel, data)
+    return {"rel": out_rel, "rows": int(len(lengths)), "ntotal": int(index.ntotal), "bytes": len(data),
+            "list_sizes": list_sizes(index), "pid": os.getpid(),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+
+
+def sample_tokens(store: Storage, shard_paths: Sequence[str], capacity: int, dim: int,
+                  seed: int = 0) -> np.ndarray:
+    """A uniform reservoir sample of at most `capacity` token vectors over all shards, one shard read at a time."""
+    res = Reservoir(capacity, dim, seed=seed, dtype=np.float32)
+    for rel in shard_paths:
+        vecs, _ = shard_tokens(read_table(store, rel, columns=["token_vectors"]))
+        res.add(vecs)
+        del vecs
+    return res.sample()[0]
+
+
+def fill_token_shards(store: Storage, shard_paths: Sequence[str], trained: faiss.Index, run_id: str,
+                      wrap_ids: bool) -> list[dict[str, Any]]:
+    """One fill task per shard (Ray tasks when Ray is up); results in shard order."""
+    offsets = np.cumsum([0] + [shard_rows(store, rel) for rel in shard_paths])[:-1]
+    calls = [(store.root, store.options, rel, int(off), partial_rel(run_id, i), wrap_ids)
+             for i, (rel, off) in enumerate(zip(shard_paths, offsets))]
+    return run_tasks(fill_token_shard, calls, shared={"trained": tiers.serialize(trained)})
+
+
+def _index_header(fourcc: bytes, index: faiss.Index, ntotal: int) -> bytes:
+    """FAISS's `write_index_header` for an index of `ntotal` entries (dummies as FAISS writes them)."""
+    head = fourcc + struct.pack("<iqqq?i", index.d, ntotal, 1 << 20, 1 << 20, bool(index.is_trained),
+                                int(index.metric_type))
+    return head + (struct.pack("<f", index.metric_arg) if index.metric_type > 1 else b"")
+
+
+def _flat_fourcc(flat: faiss.Index) -> bytes:
+    return {faiss.METRIC_INNER_PRODUCT: b"IxFI", faiss.METRIC_L2: b"IxF2"}.get(flat.metric_type, b"IxFl")
+
+
+def _check_flat_format(flat: faiss.Index) -> None:
+    """Our IDMap2(Flat) writer must equal FAISS's own for an empty index, else refuse to write."""
+    empty = faiss.IndexIDMap2(faiss.clone_index(flat))
+    ours = (_index_header(b"IxM2", empty, 0) + _index_header(_flat_fourcc(flat), flat, 0)
+            + struct.pack("<Q", 0) + struct.pack("<Q", 0))
+    if ours != tiers.serialize(empty):
+        raise RuntimeError(f"FAISS {faiss.__version__} serializes IndexIDMap2(IndexFlat) differently; "
+                           "the streamed token index writer needs updating")
+
+
+def _partials(store: Storage, results: Sequence[dict[str, Any]]) -> Iterator[faiss.Index]:
+    """The partial indexes, loaded one at a time."""
+    for r in results:
+        yield tiers.deserialize(store.read_bytes(r["rel"]))
+
+
+def write_flat_idmap(out: BinaryIO, flat: faiss.Index, partials: Iterator[faiss.Index], ntotal: int) -> None:
+    """Stream IndexIDMap2(`flat`) holding every partial's entries in order, one partial in memory at a
+    time: headers, then the codes of each partial, then (from a side file) the ids."""
+    _check_flat_format(flat)
+    out.write(_index_header(b"IxM2", flat, ntotal) + _index_header(_flat_fourcc(flat), flat, ntotal))
+    out.write(struct.pack("<Q", ntotal * flat.d))
+    written = 0
+    with tempfile.TemporaryFile() as ids_file:
+        for part in partials:
+            n = int(part.ntotal)
+            if n:
+                out.write(memoryview(faiss.rev_swig_ptr(faiss.downcast_index(part.index).get_xb(), n * flat.d)))
+                ids_file.write(faiss.vector_to_array(part.id_map).astype(np.int64).tobytes())
+            written += n
+            del part
+        if written != ntotal:
+            raise RuntimeError(f"partial token indexes hold {written} entries, the fill tasks reported {ntotal}")
+        out.write(struct.pack("<Q", ntotal))
+        ids_file.seek(0)
+        shutil.copyfileobj(ids_file, out, 1 << 20)
+
+
+@contextlib.contextmanager
+def _local_output(store: Storage, rels: Sequence[str]) -> Iterator[list[str]]:
+    """Local paths to write `rels` to; on success they are moved into place (local) or uploaded (remote)."""
+    tmp = tempfile.mkdtemp(prefix="embindex-tokens-")
+    paths = [os.path.join(tmp, os.path.basename(r)) for r in rels]
+    try:
+        yield paths
+        for path, rel in zip(paths, rels):
+            dst = store.fs_path(rel)
+            if is_remote(store.root):
+                store.fs.put_file(path, dst)
+            else:
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.move(path, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _merge_flat(store: Storage, trained: faiss.Index, results: Sequence[dict[str, Any]], rel: str) -> None:
+    ntotal = sum(r["ntotal"] for r in results)
+    with _local_output(store, [rel]) as (path,):
+        with open(path, "wb") as f:
+            write_flat_idmap(f, trained, _partials(store, results), ntotal)
+
+
+def _merge_ivf(store: Storage, trained: faiss.Index, results: Sequence[dict[str, Any]], rel: str) -> None:
+    data_rel = ivfdata_rel(rel)
+    with _local_output(store, [rel, data_rel]) as (header_path, data_path):
+        merge_ondisk(trained, _partials(store, results), [r["list_sizes"] for r in results], header_path,
+                     data_path)
+
+
+def _train_tokens(store: Storage, shard_paths: Sequence[str], factory: str, dim: int, train_sample: int,
+                  seed: int) -> faiss.Index:
+    """The empty index of `factory`, trained on a token sample when it needs training."""
+    empty = make_index(factory, dim)
+    if empty.is_trained:
+        return empty
+    return train_index(factory, dim, sample_tokens(store, shard_paths, train_sample, dim, seed))
+
+
+def token_count(store: Storage, shard_paths: Sequence[str], dim: int) -> int:
+    """Token vectors stored in the shards, from the Parquet footers (leaf values / dim; no data read)."""
+    total = 0
+    for rel in shard_paths:
+        with store.fs.open(store.fs_path(rel), "rb") as f:
+            md = pq.ParquetFile(f).metadata
+        cols = [j for j in range(md.num_columns) if md.schema.column(j).path.startswith("token_vectors.")]
+        total += sum(md.row_group(g).column(j).num_values for g in range(md.num_row_groups) for j in cols)
+    return total // max(dim, 1)
+
+
+def token_factory(n_tokens: int) -> str:
+    """Flat (one file, searched exactly, loaded whole by a reader) up to TOKEN_FLAT_MAX token vectors;
+    above, IVF with on-disk inverted lists (a reader maps them; only the probed lists are touched)."""
+    return TOKEN_FACTORY if n_tokens <= TOKEN_FLAT_MAX else f"IVF{ivf_nlist(n_tokens)},Flat"
+
+
+def build_token_index(store: Storage, shard_paths: Sequence[str], dim: int, run_id: str,
+                      factory: str | None = None, train_sample: int = TOKEN_TRAIN_SAMPLE,
+                      seed: int = 0) -> dict[str, Any]:
+    """Inner-product index over every stored token vector, id = the token's row ordinal, built out of
+    core (module docstring). `factory`: Flat, an IVF factory (on-disk lists, see `open_token_index`),
+    or None to choose by size (`token_factory`). Returns the manifest's `token_index` entry: file,
+    files (with the on-disk lists), factory, vectors and, for IVF, nprobe."""
+    factory = factory or token_factory(token_count(store, shard_paths, dim))
+    trained = _train_tokens(store, shard_paths, factory, dim, train_sample, seed)
+    ivf = ivf_of(trained)
+    if ivf is None and not isinstance(faiss.downcast_index(trained), faiss.IndexFlat):
+        raise ValueError(f"token index factory {factory!r}: only Flat and IVF factories can be merged")
+    results = fill_token_shards(store, shard_paths, trained, run_id, wrap_ids=ivf is None)
     rel = layout.token_index_path(run_id)
-    store.write_bytes(rel, faiss.serialize_index(index).tobytes())
-    return rel, int(index.ntotal)
+    (_merge_flat if ivf is None else _merge_ivf)(store, faiss.downcast_index(trained), results, rel)
+    for r in results:
+        store.delete(r["rel"])
+    entry: dict[str, Any] = {"file": rel, "files": [rel], "factory": "IDMap2,Flat" if ivf is None else factory,
+                             "vectors": int(sum(r["ntotal"] for r in results))}
+    if ivf is not None:
+        entry.update(files=[rel, ivfdata_rel(rel)], nprobe=min(ivf.nlist, max(TOKEN_MIN_NPROBE, ivf.nlist // 16)))
+    return entry
+
+
+def open_token_index(store: Storage, rel: str, cache_dir: str | None = None) -> faiss.Index:
+    """Open a token index written by `build_token_index`: one file (Flat), or an IVF header whose
+    on-disk lists file lies next to it (copied into `cache_dir` first for a remote index)."""
+    data_rel = ivfdata_rel(rel)
+    if not store.exists(data_rel):
+        return tiers.deserialize(store.read_bytes(rel))
+    header, _ = local_copy(store, [rel, data_rel], cache_dir)
+    return read_ondisk(header)
 
 
 def maxsim_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:

@@ -34,6 +34,7 @@ SHARD_RECORD_SCHEMA = pa.schema(
         pa.field("reasons", pa.string()),  # JSON {reason: count} for rejects files
         pa.field("tokens", pa.int64()),  # token vectors in a part (multi-vector outputs)
         pa.field("fragment", pa.string()),  # the input fragment the file holds
+        pa.field("documents", pa.int64()),  # distinct document ids in a part (rows may be chunks)
     ]
 )
 
@@ -79,9 +80,10 @@ def write_fragment(batch: pa.Table, root: str, storage: dict[str, Any], run_id: 
     records: list[dict[str, Any]] = []
     if docs.num_rows:
         rel = layout.part_path(run_id, fragment)
+        n_docs = count_documents(docs)
         size, sha = put_table(store, rel, docs)
         records.append({"kind": "part", "path": rel, "rows": docs.num_rows, "bytes": size, "sha256": sha,
-                        "reasons": None, "tokens": _token_count(docs), "fragment": fragment})
+                        "reasons": None, "tokens": _token_count(docs), "fragment": fragment, "documents": n_docs})
     if rejects.num_rows:
         rel = layout.rejects_path(run_id, fragment)
         size, sha = put_table(store, rel, rejects)
@@ -89,9 +91,23 @@ def write_fragment(batch: pa.Table, root: str, storage: dict[str, Any], run_id: 
         for r in rejects.column("reject").to_pylist():
             counts[r] = counts.get(r, 0) + 1
         records.append({"kind": "rejects", "path": rel, "rows": rejects.num_rows, "bytes": size, "sha256": sha,
-                        "reasons": json.dumps(counts), "tokens": 0, "fragment": fragment})
+                        "reasons": json.dumps(counts), "tokens": 0, "fragment": fragment, "documents": 0})
     write_commit(store, run_id, fragment, records)
     return pa.Table.from_pylist(records, schema=SHARD_RECORD_SCHEMA)
+
+
+class DuplicateRowError(RuntimeError):
+    """A fragment produced the same (id, chunk) twice: nothing of it is written."""
+
+
+def count_documents(docs: pa.Table) -> int:
+    """Distinct ids of a fragment's rows; raises DuplicateRowError when an (id, chunk) repeats. Ids are
+    unique across fragments by the build's pre-pass (sources/census.py), so the per-fragment counts add up
+    to the index's documents without any process holding every id."""
+    keys = pa.table({"id": docs.column("id"), "chunk": pc.fill_null(docs.column("chunk"), -1)})
+    if keys.group_by(["id", "chunk"]).aggregate([]).num_rows != keys.num_rows:
+        raise DuplicateRowError("a document (or chunk) occurs twice in one fragment")
+    return len(pc.unique(docs.column("id")))
 
 
 def read_table(storage: Storage, rel: str, columns: list[str] | None = None) -> pa.Table:
