@@ -219,3 +219,63 @@ def test_gc_waits_for_the_grace_period_and_in_flight_bases(tmp_path):
     assert not store.exists("shards/a/p.parquet") and not store.exists("shards/b")
     assert store.exists("shards/c/p.parquet") and latest_version(store) == v3.version
     assert store.exists("shards/d/_run.json")  # unpublished runs are never touched
+
+
+class _StripConditions:
+    """A loopback HTTP proxy in front of the S3 server that drops If-None-Match / If-Match, like an
+    S3-compatible store without conditional writes (moto does not check request signatures)."""
+
+    def __init__(self, upstream: str):
+        import http.client
+        import http.server
+        from urllib.parse import urlparse
+
+        target = urlparse(upstream)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("if-none-match", "if-match", "host", "connection")}
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused(s3_bucket):
+    bucket, opts, _ = s3_bucket
+    proxy = _StripConditions(opts["endpoint_url"])
+    try:
+        store = Storage(f"s3://{bucket}/idx", StorageOptions.from_dict(dict(opts, endpoint_url=proxy.endpoint)))
+        with pytest.raises(ConditionalWritesUnsupported, match="ignores conditional writes.*index.commit: lease"):
+            publish(store, _manifest(), None)
+        assert not store.exists(layout.LATEST) and list_versions(store) == []
+        assert store.listdir("_probe") == []  # the probe cleans up after itself
+    finally:
+        proxy.close()
