@@ -1,4 +1,5 @@
-"""The driver's Ray: connect or start one, shut it down on exit (SIGTERM included), size the actors."""
+"""The driver's Ray: connect or start one, shut it down on exit (SIGTERM included), size the actors,
+run plain tasks (`run_tasks`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from .config import ResourcesConfig
 
@@ -62,3 +63,21 @@ def actor_resources(res: ResourcesConfig) -> tuple[float, float, int]:
         cpus = 1.0 if gpus else float(os.cpu_count() or 1)
     threads = res.torch_threads or max(1, int(cpus))
     return cpus, gpus, threads
+
+
+def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], shared: dict[str, Any] | None = None,
+              num_cpus: float = 1.0) -> list[Any]:
+    """fn(*call, **shared) for every call, as Ray tasks when Ray is up (shared values put once), else inline.
+
+    Results come back in call order."""
+    shared = shared or {}
+    try:
+        import ray
+        use_ray = ray.is_initialized()
+    except ImportError:  # pragma: no cover - ray is a dependency
+        use_ray = False
+    if not use_ray:
+        return [fn(*call, **shared) for call in calls]
+    remote = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
+    refs = {k: ray.put(v) for k, v in shared.items()}
+    return ray.get([remote.remote(*call, **refs) for call in calls])

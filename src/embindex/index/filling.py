@@ -12,7 +12,7 @@ import hashlib
 import resource
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import faiss
 import numpy as np
@@ -79,21 +79,3 @@ def fill_shard(root: str, options: StorageOptions, shard_rel: str, offset: int, 
                     "peak_rss_mb": _peak_rss_mb()})
         del index, data
     return out
-
-
-def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], shared: dict[str, Any] | None = None,
-              num_cpus: float = 1.0) -> list[Any]:
-    """fn(*call, **shared) for every call, as Ray tasks when Ray is up (shared values put once), else inline.
-
-    Results come back in call order."""
-    shared = shared or {}
-    try:
-        import ray
-        use_ray = ray.is_initialized()
-    except ImportError:  # pragma: no cover - ray is a dependency
-        use_ray = False
-    if not use_ray:
-        return [fn(*call, **shared) for call in calls]
-    remote = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
-    refs = {k: ray.put(v) for k, v in shared.items()}
-    return ray.get([remote.remote(*call, **refs) for call in calls])

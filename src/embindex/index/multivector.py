@@ -37,7 +37,8 @@ import pyarrow.parquet as pq
 from ..storage import Storage, StorageOptions, is_remote
 from . import layout, tiers
 from .factories import ivf_nlist, ivf_of, make_index
-from .filling import fill_index, list_sizes, run_tasks
+from ..ray_runtime import run_tasks
+from .filling import fill_index, list_sizes
 from .merge import merge_ondisk
 from .sampling import Reservoir
 from .shards import read_table

@@ -33,7 +33,8 @@ from ..config import IndexConfig
 from ..storage import Storage, is_remote
 from . import tiers
 from .factories import auto_factory, default_search_params, ivf_of, make_index, metric_name
-from .filling import FillJob, fill_shard, run_tasks
+from ..ray_runtime import run_tasks
+from .filling import FillJob, fill_shard
 from .manifest import TierEntry
 from .merge import merge_ondisk
 from .quality import quality_report, split_queries

@@ -112,7 +112,7 @@ def _is_gzip_name(path: str) -> bool:
 
 def _scan_ranges(fs: pafs.FileSystem, path: str, ranges: list[tuple[int, int]]) -> list[RangeScan]:
     """`scan_range` of every range, as Ray tasks when Ray is up (the driver does not read the file)."""
-    from ..index.filling import run_tasks
+    from ..ray_runtime import run_tasks
 
     return run_tasks(scan_range, [(fs, path, start, end) for start, end in ranges], num_cpus=0.5)
 
