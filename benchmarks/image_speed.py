@@ -16,7 +16,7 @@ What it does:
 1. Writes random-weight checkpoints (N(0, 0.02^2) weights and LoRA A/B, unit norm weights, zero
    biases; bfloat16 on disk by default, `--ckpt-dtype`) in the ORIGINAL key layouts of the two
    families -- the layouts of tests/fixtures/jina-clip-v2-tiny and tests/fixtures/jina-embeddings-v4-tiny
-   (see their README.md and ../shared/MODELS.md sections 2 and 4): config.json, preprocessor_config.json
+   (their README.md files describe the key layouts): config.json, preprocessor_config.json
    and the tokenizer files are the fixtures' with the sizes changed. The key generators are first run at
    the fixtures' own sizes and must reproduce the fixtures' key sets and shapes exactly.
    * jina-clip-v2: the vision tower at REAL size, EVA02-L/14 (width 1024, 24 blocks, head_width 64 ->

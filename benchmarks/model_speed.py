@@ -8,8 +8,8 @@ Run from the repository root:
 What it does:
 
 1. Writes a random-weight checkpoint in the ORIGINAL jina-embeddings-v3 layout (the key names and
-   stacked LoRA shapes of `jinaai/jina-embeddings-v3`, see ../shared/MODELS.md section 1.3 and
-   tests/fixtures/jina-embeddings-v3-tiny/README.md) at full v3 size: hidden 1024, 24 layers,
+   stacked LoRA shapes of `jinaai/jina-embeddings-v3`: per Linear/Embedding a `parametrizations.weight`
+   LoRA with one A/B slice per task, see tests/fixtures/jina-embeddings-v3-tiny/README.md) at full v3 size: hidden 1024, 24 layers,
    16 heads, intermediate 4096, 5 LoRA tasks of rank 4 on every Linear and Embedding (pooler
    included). config.json is the tiny fixture's with the sizes changed; the tokenizer files are the
    fixture's. Only the vocabulary is NOT full size: the fixture's tokenizer has 1,501 pieces, so the
