@@ -65,7 +65,7 @@ def test_flat_token_index_is_byte_identical_and_built_in_tasks(ray_cluster, tmp_
     assert rel == layout.token_index_path("r") and entry["vectors"] == ref.ntotal
     assert entry["factory"] == "IDMap2,Flat" and entry["files"] == [rel]
     assert store.read_bytes(rel) == tiers.serialize(ref)  # what search/reader.py has always read
-    got = open_token_index(store, rel)
+    got = open_token_index(store, entry)
     q = queries(mats)
     for k in (1, 5, 50):
         np.testing.assert_array_equal(token_candidates(got, q, k), token_candidates(ref, q, k))
@@ -89,12 +89,12 @@ def test_driver_never_holds_every_token_vector(ray_cluster, tmp_path):
     del mats
     tracemalloc.start()
     try:
-        rel = build_token_index(store, paths, dim, "r")["file"]
+        entry = build_token_index(store, paths, dim, "r")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < total_bytes / 3, (peak, total_bytes)
-    np.testing.assert_array_equal(token_candidates(open_token_index(store, rel), q, 20), ref_ids)
+    np.testing.assert_array_equal(token_candidates(open_token_index(store, entry), q, 20), ref_ids)
 
 
 def test_ivf_token_index_trained_on_a_sample(ray_cluster, tmp_path):
@@ -104,7 +104,7 @@ def test_ivf_token_index_trained_on_a_sample(ray_cluster, tmp_path):
     rel = entry["file"]
     assert entry["vectors"] == sum(len(m) for m in mats) and entry["factory"] == "IVF4,Flat"
     assert entry["files"] == [rel, rel.replace(".faiss", ".ivfdata")] and entry["nprobe"] == 4
-    index = open_token_index(store, rel, cache_dir=str(tmp_path / "cache"))
+    index = open_token_index(store, entry)
     faiss.extract_index_ivf(index).nprobe = 4  # every list: exact
     q = queries(mats)
     ref = reference_index(mats, 16)
@@ -121,7 +121,7 @@ def test_large_token_counts_go_to_an_ivf_index_on_disk(ray_cluster, tmp_path, mo
     monkeypatch.setattr(multivector, "TOKEN_FLAT_MAX", n - 1)
     entry = build_token_index(store, paths, 16, "large")
     assert entry["factory"].startswith("IVF") and entry["factory"].endswith(",Flat") and len(entry["files"]) == 2
-    index = open_token_index(store, entry["file"], cache_dir=str(tmp_path / "cache"))
+    index = open_token_index(store, entry)
     assert index.ntotal == n and all(store.exists(f) for f in entry["files"])
 
 
@@ -145,7 +145,7 @@ def test_colbert_index_same_candidates_as_in_memory_build(ray_cluster, tmp_path)
     store = Storage(index_uri)
     assert store.read_bytes(mv["token_index"]["file"]) == tiers.serialize(ref)
     q = queries(stored)
-    got = open_token_index(store, mv["token_index"]["file"])
+    got = open_token_index(store, mv["token_index"])
     np.testing.assert_array_equal(token_candidates(got, q, 50), token_candidates(ref, q, 50))
     hits = reader.search([docs[3]["text"][:60]], k=3)[0]
     assert hits[0].id == docs[3]["id"]

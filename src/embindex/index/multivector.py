@@ -42,7 +42,7 @@ from .filling import fill_index, list_sizes
 from .merge import merge_ondisk
 from .sampling import Reservoir
 from .shards import read_table
-from .tier_io import local_copy, read_ondisk
+from .tier_io import TierCache, read_ondisk
 from .training import train_index
 from .vector_io import shard_rows
 
@@ -254,14 +254,17 @@ def build_token_index(store: Storage, shard_paths: Sequence[str], dim: int, run_
     return entry
 
 
-def open_token_index(store: Storage, rel: str, cache_dir: str | None = None) -> faiss.Index:
-    """Open a token index written by `build_token_index`: one file (Flat), or an IVF header whose
-    on-disk lists file lies next to it (copied into `cache_dir` first for a remote index)."""
-    data_rel = ivfdata_rel(rel)
-    if not store.exists(data_rel):
-        return tiers.deserialize(store.read_bytes(rel))
-    header, _ = local_copy(store, [rel, data_rel], cache_dir)
-    return read_ondisk(header)
+def open_token_index(store: Storage, entry: dict[str, Any], cache: TierCache | None = None) -> faiss.Index:
+    """Open the token index a manifest `token_index` entry describes: one file (Flat), or an IVF header
+    whose on-disk lists are mapped from the file next to it, searched with the entry's nprobe. Files of a
+    remote index come from the tier cache."""
+    rels = entry.get("files") or [entry["file"]]
+    paths = ((cache or TierCache()).paths(store, rels) if is_remote(store.root)
+             else [store.fs_path(r) for r in rels])
+    index = read_ondisk(paths[0]) if len(rels) > 1 else faiss.read_index(paths[0])
+    if entry.get("nprobe"):
+        faiss.extract_index_ivf(index).nprobe = int(entry["nprobe"])
+    return index
 
 
 def maxsim_scores(query: np.ndarray, docs: Sequence[np.ndarray]) -> np.ndarray:

@@ -25,13 +25,13 @@ import pyarrow.compute as pc
 
 from ..config import SearchConfig
 from ..index.manifest import Manifest
-from ..index.multivector import maxsim_scores, shard_token_vectors
+from ..index.multivector import maxsim_scores, open_token_index, shard_token_vectors
 from ..index.publish import latest_version, read_manifest
 from ..index.shards import read_table, vectors_of
-from ..index.tier_io import TierCache, read_ondisk
+from ..index.tier_io import TierCache
 from ..index.tombstones import read_tombstones, tombstone_mask
 from ..index.vector_io import ShardRows
-from ..storage import Storage, StorageOptions, is_remote
+from ..storage import Storage, StorageOptions
 from . import funnel
 from .selectors import RowFilter, search_parameters, supports_filter
 
@@ -372,12 +372,7 @@ class IndexReader:
         """The token-level index of a multi-vector index (from the tier cache for a remote index)."""
         if self._token_index is None:
             entry = self.manifest.outputs["multivector"]["token_index"]
-            rels = entry.get("files") or [entry["file"]]  # an IVF token index: header + on-disk lists
-            paths = (self.tier_cache.paths(self.storage, rels) if is_remote(self.storage.root)
-                     else [self.storage.fs_path(r) for r in rels])
-            self._token_index = read_ondisk(paths[0]) if len(rels) > 1 else faiss.read_index(paths[0])
-            if entry.get("nprobe"):
-                faiss.extract_index_ivf(self._token_index).nprobe = int(entry["nprobe"])
+            self._token_index = open_token_index(self.storage, entry, self.tier_cache)
         return self._token_index
 
     def _token_candidates(self, query: np.ndarray, token_k: int, modality: str | None, need: int) -> np.ndarray:
