@@ -9,10 +9,16 @@ from .base import (
     TextEncoder,
     TextTokenizer,
 )
-from .registry import FAMILIES, family_class, load_family
+from .registry import FAMILIES, RERANKERS, family_class, load_family, load_reranker
+from .reranker import Reranker, RerankDoc, RerankInputError, RerankScores
 
 __all__ = [
     "FAMILIES",
+    "RERANKERS",
+    "Reranker",
+    "RerankDoc",
+    "RerankInputError",
+    "RerankScores",
     "ModelError",
     "ModelFamily",
     "ModelInfo",
@@ -22,4 +28,5 @@ __all__ = [
     "TextTokenizer",
     "family_class",
     "load_family",
+    "load_reranker",
 ]

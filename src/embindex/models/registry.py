@@ -31,3 +31,22 @@ def family_class(name: str) -> type[ModelFamily]:
 def load_family(spec: ModelSpec) -> ModelFamily:
     """Validate the checkpoint at `spec.path` for the family `spec.name` and return the family."""
     return family_class(spec.name)(spec)
+
+
+# reranker name -> "module:Class" under embindex.models
+RERANKERS: dict[str, str] = {
+    "jina-reranker-v2": "jina_reranker_v2:JinaRerankerV2",
+    "jina-reranker-v3": "jina_reranker_v3:JinaRerankerV3",
+    "jina-reranker-m0": "jina_reranker_m0:JinaRerankerM0",
+}
+
+
+def load_reranker(name: str, path: str, device: str | None = None, dtype: str = "auto", **options):
+    """The reranker family `name` loaded from the local checkpoint directory `path`."""
+    try:
+        target = RERANKERS[name]
+    except KeyError:
+        raise ModelError(f"unknown reranker {name!r}; registered: {sorted(RERANKERS)}") from None
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(f"embindex.models.{module}"), cls)(path, device=device, dtype=dtype,
+                                                                              **options)
