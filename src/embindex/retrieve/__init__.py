@@ -1,0 +1,1 @@
+"""Offline retrieval: queries -> search -> rerank -> results, run file and metrics."""
