@@ -27,7 +27,7 @@ def test_one_query_by_hand():
 
 def test_cutoffs_cut():
     assert query_metrics(["x", "y", "z", "d1"], {"d1": 1}, ["MRR@3", "MRR@4", "Recall@3"]) == \
-        {"MRR@3": 0.0, "MRR@4": 1.0, "Recall@3": 0.0}
+        {"MRR@3": 0.0, "MRR@4": 0.25, "Recall@3": 0.0}
 
 
 def test_means_skip_unjudged_queries_and_count_missing_runs_as_zero():
