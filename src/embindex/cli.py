@@ -1,4 +1,4 @@
-"""`embindex build | search | inspect`."""
+"""`embindex build | reindex | compact | search | retrieve | inspect`."""
 
 from __future__ import annotations
 
@@ -112,6 +112,10 @@ def search(
     modality: Optional[str] = typer.Option(None, "--modality", help="only 'text' or only 'image' hits"),
     version: Optional[str] = typer.Option(None, "--version", help="a version other than _latest"),
     as_json: bool = typer.Option(False, "--json", help="JSON lines output"),
+    rerank: Optional[str] = typer.Option(None, "--rerank", help="reranker: a YAML config (name, path, depth, "
+                                         "options) or a checkpoint directory/URI; needs index.store_content"),
+    rerank_depth: Optional[int] = typer.Option(None, "--rerank-depth", help="candidates reranked per query "
+                                               "(default: the reranker config's depth, else 50)"),
 ) -> None:
     """Search an index with text queries and/or query images (multimodal models)."""
     _setup_env()
@@ -122,9 +126,10 @@ def search(
         return
     try:
         reader = open_index(index, version=version, recall_target=recall_target)
-        results = reader.search(query, k=k, tier=tier, modality=modality) if query else []
+        opts = {"k": k, "tier": tier, "modality": modality, "rerank": rerank, "rerank_depth": rerank_depth}
+        results = reader.search(query, **opts) if query else []
         if image:
-            results += reader.search_images(image, k=k, tier=tier, modality=modality)
+            results += reader.search_images(image, **opts)
         query = (query or []) + [f"image:{p}" for p in image or []]
     except (ValueError, OSError) as e:
         _fail(str(e))
@@ -137,7 +142,32 @@ def search(
         for rank, h in enumerate(hits, 1):
             chunk = f" chars {h.chunk['start']}-{h.chunk['end']}" if h.chunk else ""
             kind = f" [{h.modality}]" if h.modality == "image" else ""
-            typer.echo(f"{rank:3d}. {h.score:.4f}  {h.id}{chunk}{kind}")
+            reranked = "" if h.retrieval_score is None else f"  (retrieval {h.retrieval_score:.4f})"
+            if h.rerank_reject:
+                reranked += f"  not reranked: {h.rerank_reject}"
+            typer.echo(f"{rank:3d}. {h.score:.4f}  {h.id}{chunk}{kind}{reranked}")
+
+
+@app.command()
+def retrieve(config: str = typer.Argument(..., help="retrieve config YAML"), set_: List[str] = SET_OPT,
+             quiet: bool = QUIET_OPT) -> None:
+    """Offline: search a query set (every tier, alone and rescored), rerank, write results, run file, metrics."""
+    _setup_env()
+    from pydantic import ValidationError
+
+    from .config import parse_override
+    from .retrieve.job import retrieve as run_retrieve
+    from .retrieve.trec import QrelsError
+
+    try:
+        result = run_retrieve(config, dict(parse_override(s) for s in set_), log=(lambda m: None) if quiet else _log)
+    except (ValidationError, ValueError, FileNotFoundError, ImportError, QrelsError) as e:
+        _fail(str(e))
+        return
+    typer.echo(f"{result.queries} queries ({result.rejected} rejected) -> {result.output} "
+               f"(results.parquet, run.trec{', metrics.json' if result.metrics else ''})")
+    if result.metrics:
+        typer.echo(result.table())
 
 
 @app.command()

@@ -16,7 +16,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SourceConfig(_Section):
+class _Stored:
+    """A section with a `storage` dict of filesystem options (endpoint, credentials, ...)."""
+
+    def storage_options(self) -> StorageOptions:
+        return StorageOptions.from_dict(self.storage)  # type: ignore[attr-defined]
+
+
+class SourceConfig(_Stored, _Section):
     """Where the corpus is and how its rows map to documents."""
 
     uri: str
@@ -44,11 +51,8 @@ class SourceConfig(_Section):
     fragment_images: int = Field(256, gt=0, description="rows per fragment when rows hold images (Parquet "
                                  "with image_column, image folders): bounds the prepared pixels per block")
 
-    def storage_options(self) -> StorageOptions:
-        return StorageOptions.from_dict(self.storage)
 
-
-class ModelConfig(_Section):
+class ModelConfig(_Stored, _Section):
     """Which model family and checkpoint, and how to call it."""
 
     name: str = "hf-encoder"
@@ -60,9 +64,6 @@ class ModelConfig(_Section):
     pooling: Literal["auto", "mean", "cls", "last"] = "auto"
     storage: dict[str, Any] = Field(default_factory=dict)
     cache_dir: str | None = None
-
-    def storage_options(self) -> StorageOptions:
-        return StorageOptions.from_dict(self.storage)
 
 
 class ChunkingConfig(_Section):
@@ -137,7 +138,7 @@ class OutputsConfig(_Section):
 Tier = int | Literal["full"]
 
 
-class IndexConfig(_Section):
+class IndexConfig(_Stored, _Section):
     uri: str
     tiers: list[Tier] = [64, 128, 256, "full"]
     factory: str | dict[str, str] = "auto"
@@ -147,6 +148,8 @@ class IndexConfig(_Section):
     memory_budget_mb: float = Field(4096, gt=0, description="per-tier budget of index bytes that `auto` fits")
     train_sample: int = Field(100_000, gt=0, description="reservoir rows (across shards) that trained tiers learn on")
     single_file_max_rows: int = Field(200_000, ge=0, description="non-IVF tiers up to this size are one file")
+    store_content: bool = Field(False, description="store each row's text (a chunk row: its span) and encoded "
+                                "image in the shards, so rerankers and exports read candidates from the index")
     storage: dict[str, Any] = Field(default_factory=dict)
     keep_versions: int | None = Field(None, gt=0, description="versions kept after a publish (None: all)")
     gc_grace_seconds: float = Field(3600, ge=0, description="an older version's files are deleted only this long "
@@ -159,9 +162,6 @@ class IndexConfig(_Section):
     retrain_growth: float = Field(2.0, gt=1, description="reindex retrains tiers once rows exceed this x trained")
     max_tier_deltas: int = Field(8, ge=1, description="a reindex adds one delta index per tier; at this many the "
                                  "tiers are rebuilt from the stored vectors (search latency stays bounded)")
-
-    def storage_options(self) -> StorageOptions:
-        return StorageOptions.from_dict(self.storage)
 
     @field_validator("tiers")
     @classmethod
@@ -204,6 +204,21 @@ class SearchConfig(_Section):
                                  "tier whose build-time rescored recall@10 reaches this (else the widest)")
 
 
+class RerankConfig(_Stored, _Section):
+    """A reranker: its family (from the registry; default: read from the checkpoint's config.json), the
+    checkpoint, and how many retrieved candidates per query it reorders."""
+
+    name: str | None = None
+    path: str
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str | None = None
+    depth: int = Field(50, gt=0, description="candidates per query reranked (the funnel's top N)")
+    options: dict[str, Any] = Field(default_factory=dict, description="family options, e.g. max_length, "
+                                    "batch_size (see the family's module)")
+    storage: dict[str, Any] = Field(default_factory=dict)
+    cache_dir: str | None = None
+
+
 class JobConfig(_Section):
     source: SourceConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -243,8 +258,13 @@ def load_config(
     if isinstance(config, JobConfig):
         if not overrides:
             return config
-        data = config.model_dump()
-    elif isinstance(config, dict):
+        config = config.model_dump()
+    return JobConfig.model_validate(_config_data(config, overrides))
+
+
+def _config_data(config: str | Path | dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The mapping of a YAML file (path) or a dict, with dotted overrides applied."""
+    if isinstance(config, dict):
         data = copy.deepcopy(config)
     else:
         path = Path(config)
@@ -252,7 +272,75 @@ def load_config(
             raise FileNotFoundError(f"config file not found: {path}")
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: a job config must be a mapping")
+            raise ValueError(f"{path}: a config must be a mapping")
     for key, value in (overrides or {}).items():
         _set_path(data, key, value)
-    return JobConfig.model_validate(data)
+    return data
+
+
+# -- `embindex retrieve`: queries -> search -> rerank -> results, run file, metrics -------------------------
+
+
+class RetrieveIndexConfig(_Stored, _Section):
+    uri: str
+    version: str | None = Field(None, description="default: the latest, pinned when the job starts")
+    model_path: str | None = Field(None, description="query encoder checkpoint (default: the manifest's)")
+    storage: dict[str, Any] = Field(default_factory=dict)
+
+
+class QueriesConfig(_Stored, _Section):
+    """A query set: JSONL or Parquet file(s) (a file or a folder/prefix), local or object storage."""
+
+    uri: str
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    id_column: str = Field("id", description="query id column (BEIR's `_id` is found when `id` is absent)")
+    text_column: str = "text"
+    storage: dict[str, Any] = Field(default_factory=dict)
+
+
+class QrelsConfig(_Stored, _Section):
+    uri: str = Field(..., description="TREC, BEIR TSV or JSONL judgments")
+    storage: dict[str, Any] = Field(default_factory=dict)
+
+
+class RetrieveSearchConfig(_Section):
+    k: int = Field(100, gt=0, description="results kept per query (and the deepest metric cut-off)")
+    tier: int | None = Field(None, gt=0, description="tier of the final results (default: the index's default tier)")
+    rescore: int | None = Field(None, ge=0, description="shortlist factor (default: the index's)")
+    evaluate_tiers: bool = Field(True, description="with qrels: also score every tier alone and rescored")
+
+
+class RetrieveResources(_Section):
+    actors: int = Field(1, ge=1, description="search actors (each holds the query encoder and the tiers)")
+    cpus_per_actor: float = Field(1, gt=0)
+    gpus_per_actor: float = Field(0, ge=0)
+    rerank_actors: int = Field(1, ge=1)
+    rerank_cpus_per_actor: float = Field(1, gt=0)
+    rerank_gpus_per_actor: float | None = Field(None, ge=0, description="default: 1 on a cluster with GPUs")
+    batch_queries: int = Field(32, gt=0, description="queries per actor call")
+    torch_threads: int | None = Field(None, gt=0)
+    ray_address: str | None = None
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray started in-process")
+
+
+class RetrieveConfig(_Section):
+    index: RetrieveIndexConfig
+    queries: QueriesConfig
+    qrels: QrelsConfig | None = None
+    search: RetrieveSearchConfig = Field(default_factory=RetrieveSearchConfig)
+    rerank: RerankConfig | None = None
+    content: Literal["auto", "index", "source"] = Field(
+        "auto", description="where reranker candidates come from: the index's stored content, or the "
+        "build's source joined by id (auto: the index when it stores content)")
+    source_storage: dict[str, Any] | None = Field(None, description="filesystem options of the build's source "
+                                                  "for content: source (default: index.storage)")
+    resources: RetrieveResources = Field(default_factory=RetrieveResources)
+    output: str = Field(..., description="folder/prefix for results.parquet, run.trec, metrics.json")
+    output_storage: dict[str, Any] = Field(default_factory=dict)
+    run_name: str = "embindex"
+
+
+def load_retrieve_config(config: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None
+                         ) -> RetrieveConfig:
+    """Load an `embindex retrieve` config from YAML (path) or dict, apply dotted overrides, validate."""
+    return RetrieveConfig.model_validate(_config_data(config, overrides))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import hashlib
 import secrets
@@ -30,7 +29,7 @@ from .models import load_family
 from .models.base import checkpoint_hash
 from .sources.census import take_census
 from .sources.normalize import mark_duplicates
-from .ray_runtime import actor_resources, ray_session
+from .ray_runtime import actor_resources, quiet_ray_data, ray_session
 from .sources.readers import open_corpus
 from .storage import Storage
 
@@ -102,12 +101,7 @@ class Job:
 
     def start(self) -> None:
         """Inside the Ray session: Ray Data settings, the run id (resumed or new), the corpus plan."""
-        import ray.data
-
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = bool(self.cfg.run.progress and sys.stderr.isatty())
-        ctx.verbose_progress = False
+        ctx = quiet_ray_data(self.cfg.run.progress)
         ctx.target_max_block_size = None  # one block per fragment, never split: fragments are the commit unit
         self.run_id = _resolve_run(self.cfg, self.store, self.fingerprint, self.log, self.kind, self.base)
         self.log(f"[embindex] run {self.run_id}: reading {self.cfg.source.uri}")
@@ -255,7 +249,8 @@ def _embed_fragments(job: Job, todo: list[Any], steps: list[tuple[Callable, dict
     ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"model_json": model_json, "outputs_json": outputs_json, "role": cfg.model.role,
                                    "task": cfg.model.task, "max_length": info.max_length,
-                                   "max_image_pixels": cfg.source.max_image_pixels})
+                                   "max_image_pixels": cfg.source.max_image_pixels,
+                                   "store_content": cfg.index.store_content})
     reporter = ProgressReporter(rows_in, job.log, every=cfg.run.progress_seconds)
     ds = ds.map_batches(
         EmbedActor,

@@ -81,3 +81,34 @@ def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], shared: dict[str, 
     remote = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
     refs = {k: ray.put(v) for k, v in shared.items()}
     return ray.get([remote.remote(*call, **refs) for call in calls])
+
+
+def quiet_ray_data(progress: bool) -> Any:
+    """Ray Data without its periodic progress logs: bars only when asked for and stderr is a terminal.
+    Returns the DataContext for further settings."""
+    import logging
+    import sys
+
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = bool(progress and sys.stderr.isatty())
+    ctx.verbose_progress = False
+    return ctx
+
+
+class ComputeThread:
+    """One thread an actor owns for all its torch work (setup and every call).
+
+    Ray Data calls an actor's `__init__` on its main thread but `__call__` on a thread of its own; torch ops
+    on both would make two OpenMP teams, and libgomp, seeing more team threads than cores, stops spinning at
+    its barriers and sleeps instead (measured on 2 cores: ~500 sleeps/s per thread and a slower forward)."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embindex-compute")
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self._pool.submit(fn, *args, **kwargs).result()

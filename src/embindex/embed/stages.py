@@ -22,12 +22,14 @@ import pyarrow.compute as pc
 
 from ..checkpoints import model_spec
 from ..config import ModelConfig, OutputsConfig
+from ..index.shards import CONTENT_COLUMN, CONTENT_IMAGE_COLUMN
 from ..models import load_family
 from ..models.base import ImageProcessor, ModelFamily, Role, TextTokenizer
 from ..models.embedder import Embedder
 from ..models.late_chunking import late_chunk, pool_spans
 from ..text.batching import pad_batch, token_budget_batches
 from ..text.chunking import ChunkSpec, chunk_spans, token_spans
+from ..ray_runtime import ComputeThread
 from .image_inputs import PIXEL_COLUMNS, pixels_of, prepare_image_rows
 from .progress import ProgressSink
 
@@ -100,18 +102,25 @@ def _explode_chunks(batch: pa.Table, tok: TextTokenizer, spec: ChunkSpec, role: 
 
 
 def tokenize_batch(batch: pa.Table, model_json: str, outputs_json: str, role: Role, task: str | None,
-                   max_length: int, max_image_pixels: int = 64_000_000) -> pa.Table:
+                   max_length: int, max_image_pixels: int = 64_000_000, store_content: bool = False) -> pa.Table:
     """Add `input_ids` (list<int32>) to text documents (rejects and images get an empty list), chunk
     columns, and the prepared pixels of image rows (`image_inputs.prepare_image_rows`).
-    Late chunking also adds `chunk_chars` / `chunk_tokens` (flattened [start, end] pairs)."""
+    Late chunking also adds `chunk_chars` / `chunk_tokens` (flattened [start, end] pairs).
+    `store_content` keeps each row's text (`content`; a chunk row's own span) and encoded image
+    (`content_image`) for the shards, so rerankers can read candidates from the index."""
     tok = _tokenizer(model_json)
+    encoded = batch.column("image") if store_content else None
     batch = prepare_image_rows(batch, _image_processor(model_json), _family(model_json).name, max_image_pixels)
+    if encoded is not None:
+        batch = batch.append_column(CONTENT_IMAGE_COLUMN, encoded)
     outputs = OutputsConfig.model_validate_json(outputs_json)
     mode = outputs.mode
     if mode == "naive":
         batch = _explode_chunks(batch, tok, _chunk_spec(outputs.chunking), role, task)
     elif mode != "late":
         batch = _with_chunk_columns(batch)
+    if store_content:
+        batch = batch.append_column(CONTENT_COLUMN, batch.column("text"))
     texts = batch.column("text").to_pylist()
     todo = [i for i, ok in enumerate(_text_rows(batch)) if ok]
     empty = np.zeros(0, dtype=np.int32)
@@ -163,19 +172,14 @@ def token_vectors_to_arrow(per_row: list[np.ndarray | None], dim: int) -> pa.Lis
 class EmbedActor:
     """One model per actor; embeds each batch with token-budget sub-batches in the configured mode.
 
-    The model is loaded, warmed up and run on one compute thread the actor owns. Ray Data calls
-    `__init__` on the actor's main thread but `__call__` on a thread of its own; torch ops on both would
-    make two OpenMP teams, and libgomp, seeing more team threads than cores, stops spinning at its
-    barriers and sleeps instead (measured on 2 cores: ~500 sleeps/s per thread and a slower forward)."""
+    The model is loaded, warmed up and run on one compute thread the actor owns (`ComputeThread`)."""
 
     def __init__(self, model_json: str, outputs_json: str, task: str | None, batch_tokens: int,
                  torch_threads: int | None = None, progress: str | None = None, window: int | None = None,
                  window_overlap: int = 0):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embindex-compute")
-        self._compute.submit(self._setup, model_json, outputs_json, task, batch_tokens, torch_threads,
-                             progress, window, window_overlap).result()
+        self._compute = ComputeThread()
+        self._compute.run(self._setup, model_json, outputs_json, task, batch_tokens, torch_threads,
+                          progress, window, window_overlap)
 
     def _setup(self, model_json: str, outputs_json: str, task: str | None, batch_tokens: int,
                torch_threads: int | None, progress: str | None, window: int | None, window_overlap: int) -> None:
@@ -204,7 +208,7 @@ class EmbedActor:
             self.embedder.encode(warm, task=task)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self._compute.submit(self._embed_batch, batch).result()
+        return self._compute.run(self._embed_batch, batch)
 
     def _embed_batch(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
@@ -279,6 +283,11 @@ class EmbedActor:
                 take.append(i), chunk.append(k), start.append(int(s)), end.append(int(e)), vecs.append(v)
         out = _drop_inputs(batch.take(pa.array(take, pa.int64())))
         out = _with_chunk_columns(out, chunk, start, end)
+        if CONTENT_COLUMN in out.column_names:  # each chunk row keeps its own span of the document
+            text = out.column(CONTENT_COLUMN).to_pylist()
+            spans = [t if s is None or t is None else t[s:e] for t, s, e in zip(text, start, end)]
+            out = out.set_column(out.schema.get_field_index(CONTENT_COLUMN), CONTENT_COLUMN,
+                                 pa.array(spans, pa.string()))
         valid = np.array([v is not None for v in vecs], dtype=bool)
         matrix = np.zeros((len(vecs), self.dim), dtype=np.float32)
         if valid.any():

@@ -1,8 +1,8 @@
 """Parquet shards: the write step of the pipeline and reading shards back.
 
 A shard holds documents or chunks (id, chunk, start, end, content_hash, meta, source, modality (text |
-image), vector as fixed_size_list<float16>[dim], and token_vectors as list<fixed_size_list<float16>[d]> for multi-vector);
-a rejects file holds rows that were not indexed, with their reason. Each write is one whole-object
+image), vector as fixed_size_list<float16>[dim], token_vectors as list<fixed_size_list<float16>[d]> for
+multi-vector, and with `index.store_content` the content: text and encoded image); a rejects file holds rows that were not indexed, with their reason. Each write is one whole-object
 PUT (or temp file + rename), named by a digest of its ids, and returns a record for the manifest.
 """
 
@@ -21,7 +21,9 @@ from ..storage import Storage, StorageOptions, with_retries
 from . import layout
 
 DOC_COLUMNS = ["id", "chunk", "start", "end", "content_hash", "meta", "source", "vector"]
-OPTIONAL_DOC_COLUMNS = ["modality", "token_vectors"]
+CONTENT_COLUMN = "content"  # the row's text (a chunk row: its span), with index.store_content
+CONTENT_IMAGE_COLUMN = "content_image"  # the encoded image of an image row, with index.store_content
+OPTIONAL_DOC_COLUMNS = ["modality", "token_vectors", CONTENT_COLUMN, CONTENT_IMAGE_COLUMN]
 REJECT_COLUMNS = ["id", "reject", "reject_detail", "source", "line"]
 
 SHARD_RECORD_SCHEMA = pa.schema(

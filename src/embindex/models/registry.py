@@ -41,8 +41,29 @@ RERANKERS: dict[str, str] = {
 }
 
 
-def load_reranker(name: str, path: str, device: str | None = None, dtype: str = "auto", **options):
-    """The reranker family `name` loaded from the local checkpoint directory `path`."""
+# the `architectures` of a reranker checkpoint's config.json -> its family
+RERANKER_ARCHITECTURES: dict[str, str] = {
+    "XLMRobertaForSequenceClassification": "jina-reranker-v2",
+    "JinaForRanking": "jina-reranker-v3",
+    "JinaVLForRanking": "jina-reranker-m0",
+}
+
+
+def infer_reranker(path: str) -> str:
+    """The reranker family of the checkpoint at `path`, from its config.json `architectures`."""
+    from .base import read_config
+
+    archs = read_config(path).get("architectures") or []
+    for arch in archs:
+        if arch in RERANKER_ARCHITECTURES:
+            return RERANKER_ARCHITECTURES[arch]
+    raise ModelError(f"{path}: architectures {archs} name no known reranker; set the reranker's name "
+                     f"(one of {sorted(RERANKERS)})")
+
+
+def load_reranker(name: str | None, path: str, device: str | None = None, dtype: str = "auto", **options):
+    """The reranker family `name` (None: inferred from config.json) loaded from the local directory `path`."""
+    name = name or infer_reranker(path)
     try:
         target = RERANKERS[name]
     except KeyError:

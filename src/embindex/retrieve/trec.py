@@ -69,7 +69,10 @@ def parse_qrels(lines: Iterable[str], name: str = "qrels") -> dict[str, dict[str
 
 
 def read_qrels(uri: str, storage: StorageOptions | None = None) -> dict[str, dict[str, int]]:
-    """Read a qrels file from a local path or s3:// / gs:// URI."""
+    """Read a qrels file from a local path or s3:// / gs:// URI (or `builtin:sample-qrels`)."""
+    from ..sources.readers import resolve_source_uri
+
+    uri = resolve_source_uri(uri)
     fs = fsspec_filesystem(uri, storage or StorageOptions())
     with fs.open(strip_scheme(uri), "rt", encoding="utf-8") as f:
         return parse_qrels(f, uri)

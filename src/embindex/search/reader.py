@@ -27,7 +27,7 @@ from ..config import SearchConfig
 from ..index.manifest import Manifest
 from ..index.multivector import maxsim_scores, open_token_index, shard_token_vectors
 from ..index.publish import latest_version, read_manifest
-from ..index.shards import read_table, vectors_of
+from ..index.shards import CONTENT_COLUMN, CONTENT_IMAGE_COLUMN, read_table, vectors_of
 from ..index.tier_io import TierCache
 from ..index.tombstones import read_tombstones, tombstone_mask
 from ..index.vector_io import ShardRows
@@ -46,10 +46,18 @@ class Hit:
     meta: dict[str, Any] = field(default_factory=dict)
     chunk: dict[str, Any] | None = None  # chunk index and char offsets, for chunked outputs
     modality: str | None = None  # "text" | "image"
+    row: int | None = None  # row ordinal in the version (what content lookups use)
+    retrieval_score: float | None = None  # set when reranked: the funnel's score (`score` is the reranker's)
+    rerank_score: float | None = None
+    rerank_reject: str | None = None  # why the reranker could not score this candidate
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "score": self.score, "chunk": self.chunk, "modality": self.modality,
-                "meta": self.meta}
+        out = {"id": self.id, "score": self.score, "chunk": self.chunk, "modality": self.modality,
+               "meta": self.meta}
+        if self.retrieval_score is not None:
+            out.update(retrieval_score=self.retrieval_score, rerank_score=self.rerank_score,
+                       rerank_reject=self.rerank_reject)
+        return out
 
 
 def recall_target_of(manifest: Manifest) -> float:
@@ -100,6 +108,7 @@ class IndexReader:
         self._is_image: np.ndarray | None = None
         self._hidden: dict[str, np.ndarray] = {}  # modality -> rows a search with that filter skips
         self._filters: dict[str | None, RowFilter] = {}
+        self._rerankers: dict[str, Any] = {}
         self._token_vectors: list[np.ndarray] | None = None
         self._token_index = None
         self._tombstones: np.ndarray | None = None
@@ -213,24 +222,47 @@ class IndexReader:
             raise ValueError(f"index model {self.manifest.model.name!r} takes no images; query with text")
 
     def search(self, queries: Sequence[str] | str, k: int = 10, tier: int | None = None,
-               rescore: int | None = None, modality: str | None = None) -> list[list[Hit]]:
+               rescore: int | None = None, modality: str | None = None, rerank: Any = None,
+               rerank_depth: int | None = None) -> list[list[Hit]]:
         """Hits per text query. `tier`: width of the ANN tier (default `default_tier`); `rescore`: shortlist
         factor (default from the manifest's build config; 0 or 1 disables full-width rescoring);
         `modality`: only "text" or only "image" rows of a mixed index. Chunked indexes return documents
-        scored by their best chunk; multi-vector indexes rank by MaxSim."""
+        scored by their best chunk; multi-vector indexes rank by MaxSim. `rerank`: a reranker (a Reranker,
+        RerankConfig, dict, YAML file or checkpoint path) that reorders the top `rerank_depth` hits
+        (default: its configured depth) by their stored content (see search/rerank.py)."""
         if isinstance(queries, str):
             queries = [queries]
+        if rerank is not None:
+            return self._reranked(list(queries), rerank, rerank_depth, k,
+                                  lambda n: self.search(queries, n, tier, rescore, modality))
+        return self.search_encoded(self.encode(queries), k, tier, rescore, modality)
+
+    def encode(self, queries: Sequence[str]) -> Any:
+        """Text queries encoded for `search_encoded` (encode once, search several tiers)."""
         if self.manifest.outputs.get("mode", "document") == "multivector":
-            q = self.embedder.encode_multi(list(queries), role="query", task=self.manifest.model.query_task)
-            return self._search_multivector(*q, k=k, tier=tier, rescore=rescore, modality=modality)
-        return self._search_single(self.encode_queries(queries), k, tier, rescore, modality)
+            return self.embedder.encode_multi(list(queries), role="query", task=self.manifest.model.query_task)
+        return self.encode_queries(queries)
+
+    def search_encoded(self, encoded: Any, k: int = 10, tier: int | None = None, rescore: int | None = None,
+                       modality: str | None = None) -> list[list[Hit]]:
+        """Hits for queries from `encode`; the other arguments as in `search`."""
+        if self.manifest.outputs.get("mode", "document") == "multivector":
+            return self._search_multivector(*encoded, k=k, tier=tier, rescore=rescore, modality=modality)
+        return self._search_single(encoded, k, tier, rescore, modality)
 
     def search_images(self, images: Sequence[Any] | Any, k: int = 10, tier: int | None = None,
-                      rescore: int | None = None, modality: str | None = None) -> list[list[Hit]]:
+                      rescore: int | None = None, modality: str | None = None, rerank: Any = None,
+                      rerank_depth: int | None = None) -> list[list[Hit]]:
         """Hits per query image (PIL image, encoded bytes or local path): image -> image search over an
-        image index, or image -> text over a text index of the same multimodal model."""
+        image index, or image -> text over a text index of the same multimodal model. `rerank` as in
+        `search` (with a reranker that takes image queries, e.g. jina-reranker-m0)."""
         if not isinstance(images, (list, tuple)):
             images = [images]
+        if rerank is not None:
+            from ..models.reranker import RerankDoc
+
+            return self._reranked([RerankDoc(image=i) for i in images], rerank, rerank_depth, k,
+                                  lambda n: self.search_images(images, n, tier, rescore, modality))
         self._check_images()
         if self.manifest.outputs.get("mode", "document") == "multivector":
             pixels = self.embedder.prepare_images(images)
@@ -256,6 +288,41 @@ class IndexReader:
             if fetch >= total or all(len(d) >= k for d in docs):
                 return docs
             fetch *= 4
+
+    # -- rerank ---------------------------------------------------------------------------------
+    def reranker(self, spec: Any, depth: int | None = None) -> tuple[Any, int]:
+        """(loaded reranker, depth) for a search's `rerank` argument; loaded rerankers are kept."""
+        from ..models.reranker import Reranker
+        from . import rerank as rr
+
+        if isinstance(spec, Reranker):
+            return spec, depth or rr.RerankConfig.model_fields["depth"].default
+        cfg = rr.rerank_config(spec, depth)
+        key = cfg.model_dump_json(exclude={"depth"})
+        if key not in self._rerankers:
+            self._rerankers[key] = rr.load_reranker(cfg)
+        return self._rerankers[key], cfg.depth
+
+    def contents(self, hits: Sequence[Hit]) -> list[Any]:
+        """The stored content of hits' rows as reranker candidates (text, a chunk's span, or image bytes)."""
+        from ..models.reranker import RerankDoc
+
+        if not (self.manifest.config.get("index") or {}).get("store_content"):
+            raise ValueError(f"index {self.storage.root} stores no content to rerank: build it with "
+                             "index.store_content: true (or use `embindex retrieve`, which can join content "
+                             "from the source)")
+        ordinals = np.asarray([h.row for h in hits], dtype=np.int64)
+        rows = self.rows.take(ordinals, [CONTENT_COLUMN, CONTENT_IMAGE_COLUMN]) if len(ordinals) else []
+        return [RerankDoc(image=r.get(CONTENT_IMAGE_COLUMN)) if r.get(CONTENT_IMAGE_COLUMN) is not None
+                else RerankDoc(text=r.get(CONTENT_COLUMN)) for r in rows]
+
+    def _reranked(self, queries: list[Any], spec: Any, depth: int | None, k: int, retrieve) -> list[list[Hit]]:
+        from .rerank import apply_scores
+
+        reranker, depth = self.reranker(spec, depth)
+        results = retrieve(max(k, depth))
+        scored = reranker.score_many([(q, self.contents(hits)) for q, hits in zip(queries, results)])
+        return [apply_scores(hits, r, k) for hits, r in zip(results, scored)]
 
     def search_rows(self, query_vectors: np.ndarray, k: int = 10, tier: int | None = None,
                     rescore: int | None = None, skip: RowFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -287,7 +354,8 @@ class IndexReader:
                 "id": row["id"], "meta": json.loads(row["meta"]) if row["meta"] else {},
                 "chunk": None if row["chunk"] is None else {"index": row["chunk"], "start": row["start"],
                                                             "end": row["end"]},
-                "modality": row["modality"] or "text"}  # shards written before image support: text
+                "modality": row["modality"] or "text",  # shards written before image support: text
+                "row": i}
         out = {}
         for i in ordinals.tolist():
             self._doc_rows.move_to_end(i)

@@ -36,11 +36,14 @@ def rules_for(cfg: SourceConfig) -> RowRules:
     )
 
 
-BUILTIN_CORPORA = {"sample-corpus": "sample_corpus.jsonl.gz"}
+# bundled data: the sample corpus, and a query set with graded judgments written for it
+BUILTIN_CORPORA = {"sample-corpus": "sample_corpus.jsonl.gz", "sample-queries": "sample_queries.jsonl",
+                   "sample-qrels": "sample_qrels.tsv"}
 
 
 def resolve_source_uri(uri: str) -> str:
-    """`builtin:sample-corpus` -> the bundled sample corpus (stdlib docstrings); other URIs unchanged."""
+    """`builtin:sample-corpus` (stdlib docstrings), `builtin:sample-queries` / `builtin:sample-qrels` (a query
+    set for it) -> the bundled file; other URIs unchanged."""
     if not uri.startswith("builtin:"):
         return uri
     name = uri.split(":", 1)[1]
