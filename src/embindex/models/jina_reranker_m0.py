@@ -42,11 +42,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..text.batching import pad_batch, token_budget_batches
 from .base import ModelError, load_checked_state, load_tokenizer_file, read_config, read_json
-from .jina_embeddings_v4 import base_key
+from .jina_embeddings_v4 import base_key  # Qwen-VL key layouts (legacy / transformers >= 4.52) -> 5.x names
 from .qwen2_vl_images import QwenVLImageConfig, QwenVLImageProcessor, flatten_patches
 from .reranker import RerankDoc, Reranker, RerankerInfo, decode_image
-from ..text.batching import pad_batch, token_budget_batches
 
 SCORE_TOKEN_ID = 100
 LOGIT_BIAS = 2.65

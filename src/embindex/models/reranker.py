@@ -70,8 +70,8 @@ def as_doc(x: str | RerankDoc | Any) -> RerankDoc:
 
 
 def decode_image(image: Any) -> Any:
-    """PIL image, encoded bytes or a local path -> RGB PIL image (raises on undecodable data)."""
-    from PIL import Image
+    """PIL image, encoded bytes or a local path -> upright RGB PIL image (raises on undecodable data)."""
+    from PIL import Image, ImageOps
 
     if isinstance(image, Image.Image):
         img = image
@@ -82,7 +82,7 @@ def decode_image(image: Any) -> Any:
     else:
         raise TypeError(f"not an image: {type(image).__name__}")
     img.load()
-    return img.convert("RGB")
+    return ImageOps.exif_transpose(img).convert("RGB")  # camera rotation applied, as transformers' load_image
 
 
 class Reranker(ABC):
