@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
+from pathlib import Path
 
 import boto3
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 import embindex
@@ -22,6 +25,7 @@ from embindex.retrieve.trec import read_qrels
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 V2 = str(FIXTURES / "jina-reranker-v2-tiny")
+ROOT = Path(__file__).resolve().parents[1]
 QRELS = read_qrels("builtin:sample-qrels")
 QUERIES = {json.loads(line)["id"]: json.loads(line)["text"]
            for line in open(os.path.join(os.path.dirname(embindex.__file__), "data", "sample_queries.jsonl"))}
@@ -175,10 +179,46 @@ def test_retrieve_joins_content_from_the_source_for_chunks(ray_cluster, tmp_path
     base = {"index": {"uri": str(tmp_path / "ix")}, "queries": {"uri": str(queries)}, "search": {"k": 5},
             "rerank": {"path": V2, "dtype": "float32", "depth": 5}}
     by_source = retrieve({**base, "content": "source", "output": str(tmp_path / "a")}, log=logs.append)
-    by_index = retrieve({**base, "content": "index", "output": str(tmp_path / "b")})
+    # the same job through the Ray job entrypoint (what `ray job submit` runs), content from the index
+    config = tmp_path / "retrieve.yaml"
+    config.write_text(yaml.safe_dump({**base, "content": "index"}))
+    entry = importlib.util.spec_from_file_location("retrieve_index", ROOT / "pipelines" / "retrieve_index.py")
+    module = importlib.util.module_from_spec(entry)
+    entry.loader.exec_module(module)
+    assert module.main(["--config", str(config), "--set", f"output={tmp_path / 'b'}"]) == 0
     assert any("joined by id from the build's source" in m for m in logs)
-    assert by_source.metrics == by_index.metrics == {}  # no qrels: no metrics
+    assert by_source.metrics == {}  # no qrels: no metrics
+    assert not (tmp_path / "a" / "metrics.json").exists()
     a = pq.read_table(tmp_path / "a" / "results.parquet").to_pylist()
     b = pq.read_table(tmp_path / "b" / "results.parquet").to_pylist()
     assert [(r["id"], r["chunk"]) for r in a] == [(r["id"], r["chunk"]) for r in b]
     np.testing.assert_allclose([r["rerank_score"] for r in a], [r["rerank_score"] for r in b], atol=1e-6)
+
+
+def test_m0_reranks_image_hits_from_their_stored_images(ray_cluster, tmp_path):
+    from test_multimodal_e2e import make_images
+
+    from embindex.models import RerankDoc
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    images = make_images(4, seed=3)
+    for i, img in enumerate(images):
+        (folder / f"{i}.png").write_bytes(img)
+    for d in sample_docs(3):
+        (folder / f"{d['id']}.txt").write_text(d["text"])
+    cfg = job_config(str(folder), str(tmp_path / "ix"), index={"tiers": [8, "full"], "store_content": True},
+                     model={"name": "jina-clip-v2", "path": str(FIXTURES / "jina-clip-v2-tiny")})
+    embindex.build(cfg)
+    reader = embindex.open_index(str(tmp_path / "ix"))
+    m0 = {"path": str(FIXTURES / "jina-reranker-m0-tiny"), "dtype": "float32"}
+    reranker = load_reranker(None, m0["path"], dtype="float32")
+    for hits, query in ((reader.search("a red square", k=7, rerank=m0, rerank_depth=7)[0], "a red square"),
+                        (reader.search_images(images[1], k=7, rerank=m0, rerank_depth=7)[0],
+                         RerankDoc(image=images[1]))):
+        assert {h.modality for h in hits} == {"text", "image"} and len(hits) == 7
+        stored = [RerankDoc(image=(folder / h.id).read_bytes()) if h.modality == "image"
+                  else RerankDoc(text=(folder / h.id).read_text()) for h in hits]
+        want = reranker.score(query, stored).scores
+        np.testing.assert_allclose([h.rerank_score for h in hits], want, atol=1e-5)
+        assert [h.rerank_score for h in hits] == sorted((h.rerank_score for h in hits), reverse=True)
