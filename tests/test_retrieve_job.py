@@ -160,7 +160,8 @@ def test_retrieve_job_from_s3_with_metrics(s3_index, tmp_path):
 
 
 def test_retrieve_joins_content_from_the_source_for_chunks(ray_cluster, tmp_path):
-    """A late-chunked index: candidates are chunk spans; from the source they equal the stored spans."""
+    """A late-chunked index: candidates are chunk spans; from the source they equal the stored spans
+    (reranked listwise by jina-reranker-v3 on the actor pool)."""
     docs = [d for d in sample_docs() if d["module"] in ("json", "gzip", "shutil")]
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
@@ -177,7 +178,7 @@ def test_retrieve_joins_content_from_the_source_for_chunks(ray_cluster, tmp_path
     queries.write_text(json.dumps({"id": "q06", "text": QUERIES["q06"]}) + "\n")
     logs: list[str] = []
     base = {"index": {"uri": str(tmp_path / "ix")}, "queries": {"uri": str(queries)}, "search": {"k": 5},
-            "rerank": {"path": V2, "dtype": "float32", "depth": 5}}
+            "rerank": {"path": str(FIXTURES / "jina-reranker-v3-tiny"), "dtype": "float32", "depth": 5}}
     by_source = retrieve({**base, "content": "source", "output": str(tmp_path / "a")}, log=logs.append)
     # the same job through the Ray job entrypoint (what `ray job submit` runs), content from the index
     config = tmp_path / "retrieve.yaml"
@@ -192,6 +193,7 @@ def test_retrieve_joins_content_from_the_source_for_chunks(ray_cluster, tmp_path
     a = pq.read_table(tmp_path / "a" / "results.parquet").to_pylist()
     b = pq.read_table(tmp_path / "b" / "results.parquet").to_pylist()
     assert [(r["id"], r["chunk"]) for r in a] == [(r["id"], r["chunk"]) for r in b]
+    assert len(a) == 5 and all(r["rerank_score"] is not None and r["chunk"] is not None for r in a)
     np.testing.assert_allclose([r["rerank_score"] for r in a], [r["rerank_score"] for r in b], atol=1e-6)
 
 
