@@ -15,7 +15,7 @@ import sys
 
 def main(argv: list[str] | None = None, mode: str = "build") -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="job config YAML")
+    parser.add_argument("--config", required=True, help="job (or retrieve) config YAML")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = parser.parse_args(argv)
 
@@ -26,6 +26,14 @@ def main(argv: list[str] | None = None, mode: str = "build") -> int:
     overrides = dict(parse_override(s) for s in args.set)
     if os.environ.get("RAY_ADDRESS") and "resources.ray_address" not in overrides:
         overrides["resources.ray_address"] = "auto"
+    if mode == "retrieve":
+        from embindex.retrieve.job import retrieve
+
+        result = retrieve(args.config, overrides)
+        print(f"{result.queries} queries ({result.rejected} rejected) -> {result.output}", flush=True)
+        if result.metrics:
+            print(result.table(), flush=True)
+        return 0
     if mode == "reindex":
         from embindex.reindex import reindex
 

@@ -8,29 +8,13 @@ Inside a Ray job, `ray.init()` connects to the job's cluster (RAY_ADDRESS is set
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
+
+from build_index import main as run_job
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="retrieve config YAML")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    args = parser.parse_args(argv)
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from embindex.config import parse_override
-    from embindex.retrieve.job import retrieve
-
-    overrides = dict(parse_override(s) for s in args.set)
-    if os.environ.get("RAY_ADDRESS") and "resources.ray_address" not in overrides:
-        overrides["resources.ray_address"] = "auto"
-    result = retrieve(args.config, overrides)
-    print(f"{result.queries} queries ({result.rejected} rejected) -> {result.output}", flush=True)
-    if result.metrics:
-        print(result.table(), flush=True)
-    return 0
+    return run_job(argv, mode="retrieve")
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def test_retrieve_job_from_s3_with_metrics(s3_index, tmp_path):
     assert read("metrics.md").decode().startswith("| stage |")
 
 
-def test_retrieve_joins_content_from_the_source_for_chunks(ray_cluster, tmp_path):
+def test_retrieve_joins_content_from_the_source_for_chunks(ray_cluster, tmp_path, monkeypatch):
     """A late-chunked index: candidates are chunk spans; from the source they equal the stored spans
     (reranked listwise by jina-reranker-v3 on the actor pool)."""
     docs = [d for d in sample_docs() if d["module"] in ("json", "gzip", "shutil")]
@@ -183,6 +183,7 @@ def test_retrieve_joins_content_from_the_source_for_chunks(ray_cluster, tmp_path
     # the same job through the Ray job entrypoint (what `ray job submit` runs), content from the index
     config = tmp_path / "retrieve.yaml"
     config.write_text(yaml.safe_dump({**base, "content": "index"}))
+    monkeypatch.syspath_prepend(str(ROOT / "pipelines"))  # as `python pipelines/retrieve_index.py` has it
     entry = importlib.util.spec_from_file_location("retrieve_index", ROOT / "pipelines" / "retrieve_index.py")
     module = importlib.util.module_from_spec(entry)
     entry.loader.exec_module(module)

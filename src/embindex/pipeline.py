@@ -6,7 +6,6 @@ import json
 import os
 import hashlib
 import secrets
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -14,6 +13,7 @@ from typing import Any, Callable
 
 
 from .checkpoints import model_spec
+from .logs import Log, stderr_log
 from .config import JobConfig, load_config
 from .embed.progress import ProgressReporter
 from .embed.stages import EmbedActor, tokenize_batch
@@ -32,13 +32,6 @@ from .sources.normalize import mark_duplicates
 from .ray_runtime import actor_resources, quiet_ray_data, ray_session
 from .sources.readers import open_corpus
 from .storage import Storage
-
-Log = Callable[[str], None]
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
 
 @dataclass
 class BuildResult:
@@ -194,7 +187,7 @@ def shard_entries(parts: list[dict]) -> list[ShardEntry]:
 def build(
     config: str | os.PathLike | dict[str, Any] | JobConfig,
     overrides: dict[str, Any] | None = None,
-    log: Log | None = _stderr,
+    log: Log | None = stderr_log,
 ) -> BuildResult:
     """Build and publish a new index version from a job config (path, dict or JobConfig).
 

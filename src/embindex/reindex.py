@@ -30,7 +30,8 @@ from .index.multivector import build_token_index
 from .index.publish import latest_version, read_manifest
 from .index.shards import put_table, read_table
 from .index.tier_builder import build_tiers
-from .pipeline import BuildResult, Job, Log, ReconciliationError, _stderr, build, shard_entries, token_count
+from .logs import Log, stderr_log
+from .pipeline import BuildResult, Job, ReconciliationError, build, shard_entries, token_count
 from .ray_runtime import ray_session
 from .sources.census import fragments_holding, take_census
 from .sources.normalize import mark_duplicates
@@ -38,7 +39,7 @@ from .storage import Storage
 
 
 def reindex(config: str | os.PathLike | dict[str, Any] | JobConfig, overrides: dict[str, Any] | None = None,
-            log: Log | None = _stderr) -> BuildResult:
+            log: Log | None = stderr_log) -> BuildResult:
     """Publish a new version that embeds only new or changed documents (or a full build when needed)."""
     log = log or (lambda _m: None)
     cfg = load_config(config, overrides)

@@ -12,7 +12,7 @@ import json
 import secrets
 import time
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 
@@ -25,9 +25,9 @@ from ..index.publish import latest_version, publish, read_manifest
 from ..index.shards import put_table, read_table
 from ..index.tier_builder import build_tiers
 from ..index.tombstones import read_tombstones, tombstone_mask
+from ..logs import Log
 from ..storage import Storage, StorageOptions
 
-Log = Callable[[str], None]
 
 
 def dead_fraction(manifest: Manifest) -> float:

@@ -18,14 +18,13 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import Callable
 
+from ..logs import Log
 from ..storage import Storage
 from . import commits, layout
 from .manifest import Manifest
 from .publish import latest_version, list_versions, read_manifest
 
-Log = Callable[[str], None]
 GRACE_SECONDS = 3600.0
 INFLIGHT_SECONDS = 7 * 86400.0
 

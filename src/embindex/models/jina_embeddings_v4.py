@@ -27,7 +27,6 @@ Facts (MODELS.md §2; the tiny fixture's README; all [UNVERIFIED] values are rea
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections.abc import Sequence
@@ -53,7 +52,7 @@ from .base import (
     read_json,
     resolve_dtype,
 )
-from .qwen2_vl_images import QwenVLImageConfig, QwenVLImageProcessor, flatten_patches
+from .qwen2_vl_images import QwenVLImageConfig, QwenVLImageProcessor, flatten_patches, load_vl_config
 
 DEFAULT_MAX_LENGTH = 8192  # the reference allows 32768; long inputs cost quadratic attention memory
 DEFAULT_TASK = "retrieval"
@@ -120,15 +119,7 @@ class _V4Module(nn.Module):
 def _qwen_config(path: str) -> Any:
     from transformers import Qwen2_5_VLConfig
 
-    level = logging.getLogger("transformers").level
-    logging.getLogger("transformers").setLevel(logging.ERROR)  # rope_scaling/mrope_section chatter
-    try:
-        config = Qwen2_5_VLConfig.from_pretrained(path, local_files_only=True)
-    finally:
-        logging.getLogger("transformers").setLevel(level)
-    for c in (config, config.text_config, config.vision_config):
-        c._attn_implementation = "sdpa"
-    return config
+    return load_vl_config(Qwen2_5_VLConfig, path)
 
 
 def _meta_module(config: Any, token_dim: int) -> _V4Module:

@@ -34,7 +34,6 @@ fails there); images are local paths, encoded bytes or PIL images (no URLs).
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -45,7 +44,7 @@ from torch import nn
 from ..text.batching import pad_batch, token_budget_batches
 from .base import ModelError, load_checked_state, load_tokenizer_file, read_config, read_json
 from .jina_embeddings_v4 import base_key  # Qwen-VL key layouts (legacy / transformers >= 4.52) -> 5.x names
-from .qwen2_vl_images import QwenVLImageConfig, QwenVLImageProcessor, flatten_patches
+from .qwen2_vl_images import QwenVLImageConfig, QwenVLImageProcessor, flatten_patches, load_vl_config
 from .reranker import RerankDoc, Reranker, RerankerInfo, decode_image
 
 SCORE_TOKEN_ID = 100
@@ -98,14 +97,7 @@ def _qwen2vl_config(path: str) -> Any:
     """Qwen2VLConfig from config.json (legacy flat text fields accepted), SDPA attention everywhere."""
     from transformers import Qwen2VLConfig
 
-    level = logging.getLogger("transformers").level
-    logging.getLogger("transformers").setLevel(logging.ERROR)  # rope_scaling/mrope_section chatter
-    try:
-        config = Qwen2VLConfig.from_pretrained(path, local_files_only=True)
-    finally:
-        logging.getLogger("transformers").setLevel(level)
-    for c in (config, config.text_config, config.vision_config):
-        c._attn_implementation = "sdpa"
+    config = load_vl_config(Qwen2VLConfig, path)
     tc = config.text_config
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     section = (tc.rope_parameters or {}).get("mrope_section")

@@ -164,3 +164,20 @@ def flatten_patches(pixels: np.ndarray | torch.Tensor, config: QwenVLImageConfig
     x = x.reshape(3, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)  # gh/m, gw/m, m, m, C, p, p
     x = x.unsqueeze(5).expand(*x.shape[:5], t, p, p)  # the frame repeated over the temporal patch
     return x.reshape(gh * gw, 3 * t * p * p).contiguous(), (1, gh, gw)
+
+
+def load_vl_config(config_class: Any, path: str) -> Any:
+    """A Qwen(2/2.5)-VL config class read from `<path>/config.json`, SDPA attention on every sub-config
+    (transformers' rope_scaling / mrope_section notices silenced)."""
+    import logging
+
+    log = logging.getLogger("transformers")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        config = config_class.from_pretrained(path, local_files_only=True)
+    finally:
+        log.setLevel(level)
+    for c in (config, config.text_config, config.vision_config):
+        c._attn_implementation = "sdpa"
+    return config

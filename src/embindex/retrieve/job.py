@@ -11,10 +11,9 @@ never the rankings: memory grows with the number of queries, not with k or the c
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,22 +21,18 @@ import pyarrow.parquet as pq
 
 from ..config import RetrieveConfig, load_retrieve_config
 from ..index.publish import latest_version, read_manifest
+from ..logs import Log, stderr_log
 from ..ray_runtime import quiet_ray_data, ray_session
 from ..storage import Storage, StorageOptions, fsspec_filesystem, strip_scheme
 from .metrics import DEFAULT_METRICS, evaluated_queries, query_metrics
 from .trec import read_qrels, run_lines
 
-Log = Callable[[str], None]
 
 RESULT_SCHEMA = pa.schema([
     ("query_id", pa.string()), ("rank", pa.int32()), ("id", pa.string()), ("chunk", pa.int32()),
     ("start", pa.int32()), ("end", pa.int32()), ("retrieval_score", pa.float64()),
     ("rerank_score", pa.float64()), ("reject", pa.string()),
 ])
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -162,7 +157,7 @@ def _manifest(cfg: RetrieveConfig, version: str) -> Any:
     return read_manifest(Storage(cfg.index.uri, StorageOptions.from_dict(cfg.index.storage)), version)
 
 
-def retrieve(config: Any, overrides: dict[str, Any] | None = None, log: Log = _stderr) -> RetrieveResult:
+def retrieve(config: Any, overrides: dict[str, Any] | None = None, log: Log = stderr_log) -> RetrieveResult:
     """Run the offline retrieve(-and-rerank) job; see the module docstring for what it writes."""
     from .actors import search_stages
 
