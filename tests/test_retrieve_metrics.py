@@ -67,3 +67,18 @@ def test_bad_qrels_say_where():
 def test_run_lines_rank_documents_once():
     assert run_lines("q1", [("d1", 0.9), ("d2", 0.8), ("d1", 0.7)], "embindex") == [
         "q1 Q0 d1 1 0.900000 embindex", "q1 Q0 d2 2 0.800000 embindex"]
+
+
+def test_final_ranking_puts_unscorable_candidates_after_the_reranked_ones():
+    from embindex.retrieve.job import final_ranking, trec_scores
+
+    row = {"query_id": "q", "cand_id": ["a", "b", "c", "d", "e"], "cand_chunk": [None] * 5,
+           "cand_start": [None] * 5, "cand_end": [None] * 5, "cand_score": [0.9, 0.8, 0.7, 0.6, 0.5],
+           # depth 3: b scores best, c has no content (rejected); d and e were not reranked
+           "rerank_score": [0.1, 0.7, None], "rerank_reject": [None, None, "empty_content"]}
+    ranked = final_ranking(row, k=4, depth=3)
+    assert [r["id"] for r in ranked] == ["b", "a", "c", "d"]
+    assert [r["reject"] for r in ranked] == [None, None, "empty_content", None]
+    assert [r["rerank_score"] for r in ranked] == [0.7, 0.1, None, None]
+    scores = trec_scores(ranked)
+    assert scores[:2] == [0.7, 0.1] and scores == sorted(scores, reverse=True) and len(set(scores)) == 4
