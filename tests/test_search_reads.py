@@ -33,7 +33,7 @@ from embindex.storage import Storage
 pytestmark = [pytest.mark.timeout(600)]
 
 DIM = 64
-SHARD_ROWS = [10_000, 10_000, 6_000]  # row groups of 8192: 2 + 2 + 1
+SHARD_ROWS = [10_000, 10_000, 6_000]
 DOC_COLS = ("id", "meta", "chunk")
 
 
@@ -163,12 +163,15 @@ class _Recording:
         return getattr(self._f, name)
 
 
-def _groups_of(ordinals, rows=SHARD_ROWS, group_rows=8192) -> dict[int, set[int]]:
-    offsets = np.concatenate([[0], np.cumsum(rows)])
+def _groups_of(reader, ordinals) -> dict[int, set[int]]:
+    """shard -> the row groups holding these ordinals, from the shards' own footers."""
+    offsets = np.concatenate([[0], np.cumsum([s.rows for s in reader.manifest.shards])])
     out: dict[int, set[int]] = defaultdict(set)
     for o in ordinals:
         s = int(np.searchsorted(offsets, o, side="right") - 1)
-        out[s].add(int((o - offsets[s]) // group_rows))
+        md = pq.ParquetFile(_shard_paths(reader)[s]).metadata
+        starts = np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])
+        out[s].add(int(np.searchsorted(starts, o - offsets[s], side="right") - 1))
     return out
 
 
@@ -190,8 +193,8 @@ def test_a_query_reads_only_the_row_groups_of_its_hits(flat_index, monkeypatch):
     reader = embindex.open_index(uri)
     log = ReadLog(reader.storage.fs, monkeypatch)
     hits = reader.search_vectors(clustered(1, seed=5), k=3, tier=DIM)  # full-width Flat: exact, no rescoring
-    want = _groups_of([int(h.id[1:]) for hs in hits for h in hs])
-    assert sum(len(g) for g in want.values()) < 5  # of the index's 5 row groups
+    want = _groups_of(reader, [int(h.id[1:]) for hs in hits for h in hs])
+    assert sum(len(g) for g in want.values()) < 5  # of the index's row groups
     for s, path in enumerate(_shard_paths(reader)):
         assert log.groups(path) == want.get(s, set()), (s, log.chunks(path))
         assert not any(c == "vector" for _, c in log.chunks(path))
@@ -273,7 +276,7 @@ def test_modality_filter_reads_only_the_modality_column(tmp_path, monkeypatch):
         assert [[h.id for h in hs] for hs in hits] == [[f"d{i}" for i in row] for row in bi]
     ords = [int(h.id[1:]) for m in ("image", "text") for hs in reader.search_vectors(q, k=6, tier=DIM, modality=m)
             for h in hs]
-    want = _groups_of(ords)
+    want = _groups_of(reader, ords)
     for s, path in enumerate(_shard_paths(reader)):
         assert log.groups(path) == want.get(s, set())  # ids and metadata: hit rows' groups only
     # a text-only model's index holds only text: no modality column is read for a filter
@@ -414,3 +417,17 @@ def test_text_search_on_a_built_index_reads_only_hit_shards(ray_cluster, tmp_pat
                                  "--json"])
     assert r.exit_code == 0, r.output
     assert len(json.loads(r.output.strip().splitlines()[-1])["hits"]) == 2
+
+
+def test_row_group_cache_smaller_than_one_query_needs(tmp_path):
+    """Rows of more groups than the cache holds: each call still returns every row (caching a group must
+    not evict one the same call still needs)."""
+    from embindex.search import funnel
+
+    x = clustered(1000).astype(np.float16)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), DIM)
+    pq.write_table(pa.table({"vector": vectors}), tmp_path / "s.parquet", row_group_size=100)
+    source = funnel.ParquetVectors(Storage(str(tmp_path)), ["s.parquet"], [1000], DIM,
+                                   group_cache_bytes=100 * DIM * 2)  # room for one group
+    for rows in ([5, 150, 420, 999, 151], [420, 6, 998], [5]):
+        np.testing.assert_array_equal(source.take(0, np.asarray(rows)), x[rows])

@@ -41,10 +41,20 @@ SHARD_RECORD_SCHEMA = pa.schema(
 )
 
 
+ROW_GROUP_BYTES = 1 << 20  # uncompressed bytes per row group
+ROW_GROUP_ROWS = (64, 8192)  # bounds on rows per group
+
+
+def row_group_rows(table: pa.Table) -> int:
+    """Rows per Parquet row group: about ROW_GROUP_BYTES each. A query decodes one whole group per
+    shortlisted row, so the group size bounds the cost of a hit (a 1024-d fp16 vector is 2 KB: 512 rows)."""
+    per_row = table.nbytes / max(table.num_rows, 1)
+    return int(min(max(ROW_GROUP_BYTES // max(per_row, 1), ROW_GROUP_ROWS[0]), ROW_GROUP_ROWS[1]))
+
+
 def _to_parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
-    # small row groups: search reads only the groups holding its shortlisted rows
-    pq.write_table(table, buf, compression="zstd", row_group_size=8192)
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_rows(table))
     return buf.getvalue()
 
 

@@ -230,25 +230,30 @@ class ParquetVectors:
         """Rows of shard s through the row-group cache: missing groups are read in one call, then kept."""
         starts = self.reader.group_starts(s)
         group_of = np.searchsorted(starts, local_rows, side="right") - 1
-        missing = [int(g) for g in np.unique(group_of) if (s, int(g)) not in self._groups]
+        blocks = {}  # this call's groups, held here: caching one may evict another before it is used
+        for g in np.unique(group_of).tolist():
+            if (s, g) in self._groups:
+                self._groups.move_to_end((s, g))
+                blocks[g] = self._groups[(s, g)]
+        missing = [g for g in np.unique(group_of).tolist() if g not in blocks]
         if missing:
             first = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in missing])
-            block = _as_matrix(self.reader.read(s, first, [self.column]).column(self.column), np.float16)
+            read = _as_matrix(self.reader.read(s, first, [self.column]).column(self.column), np.float16)
             at = 0
             for g in missing:
                 n = int(starts[g + 1] - starts[g])
-                self._keep_group((s, g), block[at:at + n])
+                blocks[g] = np.ascontiguousarray(read[at:at + n])
                 at += n
-        out = np.empty((len(local_rows), self._groups[(s, int(group_of[0]))].shape[1]), dtype=np.float16)
-        for g in np.unique(group_of):
+        out = np.empty((len(local_rows), next(iter(blocks.values())).shape[1]), dtype=np.float16)
+        for g, block in blocks.items():
             sel = group_of == g
-            block = self._groups[(s, int(g))]
-            self._groups.move_to_end((s, int(g)))
             out[sel] = block[local_rows[sel] - starts[g]]
+        for g in missing:
+            self._keep_group((s, g), blocks[g])
         return out
 
     def _keep_group(self, key: tuple[int, int], block: np.ndarray) -> None:
-        self._groups[key] = np.ascontiguousarray(block)
+        self._groups[key] = block
         self._group_bytes += block.nbytes
         while self._group_bytes > self.group_cache_bytes and len(self._groups) > 1:
             _, old = self._groups.popitem(last=False)
