@@ -6,7 +6,7 @@ Run from the repository root:
 
 The index is written directly (no model forward for the corpus): `--rows` synthetic unit vectors
 (`tiers_scale.draw`: a 1,000-cluster Gaussian mixture with Matryoshka-like decaying variance) at
-`--dim`, stored as float16 Parquet shards with the pipeline's schema (row groups of 8192), tiers
+`--dim`, stored as float16 Parquet shards with the pipeline's schema and row groups (`put_table`), tiers
 built with `build_tiers` (IVF on-disk lists by default) and a published manifest that records the
 bundled MiniLM, so one text query can also go through the model. A built index is reused when
 `--root` already holds one of the same size.
