@@ -13,7 +13,8 @@ from embindex.models.registry import FAMILIES, family_class
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FIXTURES = Path(__file__).parent / "fixtures"
-ALL = sorted(CONFIGS.glob("*.yaml"))
+RETRIEVE = sorted(CONFIGS.glob("retrieve-*.yaml"))  # `embindex retrieve` configs
+ALL = sorted(set(CONFIGS.glob("*.yaml")) - set(RETRIEVE))  # job configs
 
 # full width of the checkpoint each family config names, and its published Matryoshka widths (None: the
 # model is not Matryoshka-trained, any width below full is allowed but loses recall)
@@ -51,7 +52,7 @@ def test_configs_exist_for_every_family():
     assert (CONFIGS / "quickstart.yaml").exists()
 
 
-@pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", ALL + RETRIEVE, ids=lambda p: p.name)
 def test_config_is_commented(path: Path):
     text = path.read_text()
     assert text.startswith("#"), "a config opens with a comment saying what it is for"
@@ -96,3 +97,13 @@ def test_config_model_section_fits_its_family(path: Path, tmp_path: Path):
     family.check_task(spec.task)
     info = family.info()
     assert info.dim > 0 and info.pooling  # mean / cls / last, or the family's own (ColBERT: multi_vector)
+
+
+@pytest.mark.parametrize("path", RETRIEVE, ids=lambda p: p.name)
+def test_retrieve_config_validates(path: Path):
+    from embindex.config import load_retrieve_config
+
+    cfg = load_retrieve_config(path)
+    assert cfg.index.uri and cfg.queries.uri and cfg.output
+    over = load_retrieve_config(path, {"index.uri": "s3://b/i", "rerank.depth": 20})
+    assert over.index.uri == "s3://b/i" and (over.rerank is None or over.rerank.depth == 20)

@@ -81,16 +81,6 @@ def test_search_reranks_the_funnel_top_n(s3_index):
     assert [h["id"] for h in line["hits"]] == [h.id for h in hits[:3]]
 
 
-def test_rerank_needs_stored_content(ray_cluster, tmp_path):
-    docs = sample_docs(30)
-    corpus = tmp_path / "docs.jsonl"
-    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    embindex.build(job_config(str(corpus), str(tmp_path / "ix"), index={"tiers": [32, "full"]}))
-    reader = embindex.open_index(str(tmp_path / "ix"))
-    with pytest.raises(ValueError, match="index.store_content"):
-        reader.search("json", k=3, rerank=V2)
-
-
 def _put_queries(client) -> None:
     lines = [json.dumps({"id": q, "text": t}) for q, t in QUERIES.items()]
     lines += [json.dumps({"id": "empty", "text": "  "}), json.dumps({"text": "no id"}), "{not json",

@@ -431,3 +431,10 @@ def test_row_group_cache_smaller_than_one_query_needs(tmp_path):
                                    group_cache_bytes=100 * DIM * 2)  # room for one group
     for rows in ([5, 150, 420, 999, 151], [420, 6, 998], [5]):
         np.testing.assert_array_equal(source.take(0, np.asarray(rows)), x[rows])
+
+
+def test_rerank_needs_stored_content(flat_index):
+    reader = embindex.open_index(flat_index[0])
+    hits = reader.search_vectors(clustered(1, seed=5), k=3, tier=DIM)[0]
+    with pytest.raises(ValueError, match="index.store_content"):
+        reader.contents(hits)
