@@ -112,4 +112,3 @@ class ComputeThread:
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return self._pool.submit(fn, *args, **kwargs).result()
-
