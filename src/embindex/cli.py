@@ -34,13 +34,14 @@ def _run_job(run: Any, config: str, set_: List[str], quiet: bool) -> Any:
     from .config import parse_override
     from .index.lease import LeaseTimeout
     from .index.publish import IndexChangedError
+    from .pipeline import BuildError, ReconciliationError
     from .storage import ConditionalWritesUnsupported
 
     try:
         overrides = dict(parse_override(s) for s in set_)
         result = run(config, overrides, log=None if quiet else _log)
     except (ValidationError, ValueError, FileNotFoundError, ImportError, IndexChangedError,
-            ConditionalWritesUnsupported, LeaseTimeout) as e:
+            ConditionalWritesUnsupported, LeaseTimeout, BuildError, ReconciliationError) as e:
         _fail(str(e))
     typer.echo(result.summary())
     return result

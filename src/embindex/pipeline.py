@@ -29,7 +29,7 @@ from .models import load_family
 from .models.base import checkpoint_hash
 from .sources.census import take_census
 from .sources.normalize import mark_duplicates
-from .ray_runtime import actor_resources, quiet_ray_data, ray_session
+from .ray_runtime import actor_resources, classify_failure, quiet_ray_data, ray_session
 from .sources.readers import open_corpus
 from .storage import Storage
 
@@ -53,6 +53,10 @@ class BuildResult:
             f"tiers {t['tiers_s']:.1f}s{first})\n"
             f"  manifest {self.manifest_uri}"
         )
+
+
+class BuildError(RuntimeError):
+    """A run that cannot succeed as configured (or ran out of attempts): one readable line."""
 
 
 class ReconciliationError(RuntimeError):
@@ -104,6 +108,7 @@ class Job:
         """Embed and commit every fragment for which `wanted(fragment)` and that has no commit marker,
         retrying uncommitted fragments after a failure (`run.max_attempts`)."""
         import ray
+        import ray.data.exceptions
 
         self.timings["read_s"] = round(time.perf_counter() - self.t0, 3)
         start = time.perf_counter()
@@ -115,11 +120,14 @@ class Job:
             try:
                 _embed_fragments(self, todo, steps, rows_in)
                 break
-            except (ray.exceptions.RayError, OSError) as e:
-                if attempt == self.cfg.run.max_attempts:
-                    raise
-                self.log(f"[embindex] attempt {attempt} failed ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}); retrying the uncommitted fragment(s)")
+            except (ray.exceptions.RayError, ray.data.exceptions.RayDataUserCodeException, OSError) as e:
+                failure = classify_failure(e)
+                if not failure.retryable or attempt == self.cfg.run.max_attempts:
+                    tries = "" if not failure.retryable else f" after {attempt} attempts"
+                    raise BuildError(f"embedding failed{tries}: {failure.message} (run {self.run_id}; "
+                                     f"committed fragments are kept for a resume)") from e
+                self.log(f"[embindex] attempt {attempt} failed ({failure.message[:200]}); "
+                         f"retrying the uncommitted fragment(s)")
         self.timings["pipeline_s"] = round(time.perf_counter() - start, 3)
 
     def records(self, wanted: Callable[[Any], bool]) -> tuple[list[dict], list[dict]]:

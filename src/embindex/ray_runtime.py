@@ -1,12 +1,14 @@
 """The driver's Ray: connect or start one, shut it down on exit (SIGTERM included), size the actors,
-run plain tasks (`run_tasks`)."""
+run plain tasks (`run_tasks`), tell retryable failures from deterministic ones (`classify_failure`)."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 from .config import ResourcesConfig
@@ -112,3 +114,55 @@ class ComputeThread:
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return self._pool.submit(fn, *args, **kwargs).result()
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What a failed Ray Data run says: whether another attempt can succeed, and one readable line."""
+
+    retryable: bool
+    message: str
+
+
+# exception types (by name, as remote tracebacks carry them) that a later attempt may not meet again
+TRANSIENT_ERRORS = ("OSError", "IOError", "ConnectionError", "ConnectionResetError", "ConnectionRefusedError",
+                    "TimeoutError", "BrokenPipeError", "ClientError", "EndpointConnectionError",
+                    "ReadTimeoutError", "ConnectTimeoutError", "ResponseStreamingError", "IncompleteReadError",
+                    "ArrowIOError")
+_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(?P<type>[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)): (?P<msg>.*)$")
+_WRAPPERS = ("UserCodeException", "RayTaskError", "SystemException", "ActorDiedError", "RayActorError")
+_LOST = ("WorkerCrashedError", "NodeDiedError", "ObjectLostError", "OwnerDiedError", "ObjectReconstructionFailedError",
+         "ObjectFetchTimedOutError", "RaySystemError", "ActorUnavailableError", "OutOfMemoryError")
+
+
+def _root_line(text: str) -> tuple[str, str] | None:
+    """(type, message) of the innermost exception a Ray error's text reports (its last 'XError: msg' line)."""
+    found = None
+    for line in text.splitlines():
+        m = _ERROR_LINE.match(line.strip())
+        if m and not m.group("type").startswith(_WRAPPERS):
+            found = (m.group("type"), m.group("msg"))
+    return found
+
+
+def classify_failure(e: BaseException) -> Failure:
+    """Lost workers, nodes and objects, and storage I/O errors are retryable; anything the code or the data
+    raised (config, model, shape, NotImplementedError, ...) fails the same way again and is not."""
+    import ray.exceptions
+
+    if isinstance(e, OSError):
+        return Failure(True, f"{type(e).__name__}: {e}")
+    chain, x = [], e
+    while x is not None and len(chain) < 10:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    names = {type(c).__name__ for c in chain}
+    text = "\n".join(str(c) for c in chain)
+    root = _root_line(text)
+    if root is not None:
+        kind, msg = root
+        return Failure(kind in TRANSIENT_ERRORS or kind.endswith("OSError"), f"{kind}: {msg}"[:500])
+    if any(n.startswith(_LOST) for n in names) or isinstance(e, ray.exceptions.ActorDiedError):
+        # a worker or node went away (killed, preempted, out of memory): the next attempt runs elsewhere
+        return Failure(True, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+    return Failure(False, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")

@@ -1,0 +1,71 @@
+"""Failures of a run: which ones another attempt can fix (lost workers, storage I/O) and which fail at once
+with one readable line (what the code or the data raised)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import job_config, sample_docs
+from embindex.ray_runtime import classify_failure
+
+pytestmark = [pytest.mark.timeout(300)]
+
+
+def _failure_of(ds):
+    try:
+        list(ds.iter_rows())
+    except BaseException as e:  # noqa: BLE001 - the exception Ray Data raises is what is classified
+        return classify_failure(e)
+    raise AssertionError("the dataset did not fail")
+
+
+def _raise(exc):
+    def fn(batch):
+        raise exc
+    return fn
+
+
+def test_ray_data_failures_are_classified(ray_cluster):
+    import ray.data
+
+    class BrokenActor:  # defined here: pickled by value (workers cannot import this test module)
+        def __init__(self):
+            raise NotImplementedError("this family has no multi-vector output")
+
+        def __call__(self, batch):
+            return batch
+
+    ds = ray.data.range(4)
+    bad = _failure_of(ds.map_batches(_raise(ValueError("tensor a (7) must match tensor b (8)"))))
+    assert not bad.retryable and bad.message == "ValueError: tensor a (7) must match tensor b (8)"
+    io = _failure_of(ds.map_batches(_raise(ConnectionResetError("peer reset"))))
+    assert io.retryable and io.message.startswith("ConnectionResetError: peer reset")
+    ctor = _failure_of(ds.map_batches(BrokenActor, compute=ray.data.ActorPoolStrategy(size=1)))
+    assert not ctor.retryable and ctor.message == "NotImplementedError: this family has no multi-vector output"
+    assert classify_failure(OSError("SlowDown")).retryable
+
+
+def test_a_deterministic_error_fails_the_build_once_with_one_line(ray_cluster, tmp_path, minilm_path):
+    """A checkpoint whose weights are cut short passes the driver's checks but fails in every embed actor:
+    one attempt, one readable line, exit code 1, nothing published."""
+    from embindex.cli import app
+
+    broken = tmp_path / "minilm"
+    shutil.copytree(minilm_path, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in sample_docs(20)))
+    cfg = job_config(str(corpus), str(tmp_path / "ix"), model={"path": str(broken)}, run={"max_attempts": 3})
+    (tmp_path / "job.yaml").write_text(json.dumps(cfg))
+    result = CliRunner().invoke(app, ["build", str(tmp_path / "job.yaml")])
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "embedding failed" in errors[0], result.output
+    assert "retrying" not in result.output and "Traceback" not in result.output
+    assert not os.path.exists(tmp_path / "ix" / "_latest")
