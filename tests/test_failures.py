@@ -69,3 +69,22 @@ def test_a_deterministic_error_fails_the_build_once_with_one_line(ray_cluster, t
     assert len(errors) == 1 and "embedding failed" in errors[0], result.output
     assert "retrying" not in result.output and "Traceback" not in result.output
     assert not os.path.exists(tmp_path / "ix" / "_latest")
+
+
+def test_cli_build_joins_the_cluster_named_by_ray_address(ray_cluster, tmp_path):
+    """Inside `ray job submit` the CLI finds $RAY_ADDRESS: it joins that cluster (asking it for no CPUs of its
+    own) instead of failing to start a local Ray with num_cpus."""
+    import subprocess
+    import sys
+
+    import ray
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in sample_docs(20)))
+    (tmp_path / "job.yaml").write_text(json.dumps(job_config(str(corpus), str(tmp_path / "ix"),
+                                                             resources={"num_cpus": 64})))
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    out = subprocess.run([sys.executable, "-m", "embindex.cli", "build", str(tmp_path / "job.yaml"), "-q"],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "published v000001" in out.stdout and (tmp_path / "ix" / "_latest").exists()

@@ -16,14 +16,16 @@ from .config import ResourcesConfig
 
 @contextmanager
 def ray_session(res: ResourcesConfig) -> Iterator[None]:
-    """Use a running Ray, connect to `resources.ray_address`, or start a local one in-process."""
+    """Use a running Ray, connect to `resources.ray_address` (or $RAY_ADDRESS, as inside `ray job submit`),
+    or start a local one in-process."""
     import ray
 
     if ray.is_initialized():
         yield
         return
-    if res.ray_address:
-        ray.init(address=res.ray_address, log_to_driver=False)
+    address = res.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:  # joining a cluster: its nodes say what resources there are
+        ray.init(address=address, log_to_driver=False)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private in-process cluster
         # Ray starts workers at nice 15; the embed actors would then lose the CPU to any other process.
