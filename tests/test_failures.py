@@ -88,3 +88,39 @@ def test_cli_build_joins_the_cluster_named_by_ray_address(ray_cluster, tmp_path)
                          env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "published v000001" in out.stdout and (tmp_path / "ix" / "_latest").exists()
+
+
+def test_accelerator_gpu_asks_for_gpus_on_a_cluster_without_them(ray_cluster, tmp_path):
+    """`accelerator: gpu` on a CPU-only cluster: the embed actor waits for a GPU (a demand an autoscaler
+    serves), it does not fall back to CPU; an actor range maps to an autoscaling pool."""
+    import subprocess
+    import sys
+    import time
+
+    import ray
+    from ray._private.state import actors  # the GCS actor table (the state API needs the dashboard)
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in sample_docs(10)))
+    cfg = job_config(str(corpus), str(tmp_path / "ix"),
+                     resources={"accelerator": "gpu", "actors": {"min": 1, "max": 2}})
+    (tmp_path / "job.yaml").write_text(json.dumps(cfg))
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    proc = subprocess.Popen([sys.executable, "-m", "embindex.cli", "build", str(tmp_path / "job.yaml")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def waiting() -> list[dict]:
+            return [a for a in actors().values()
+                    if a["State"] == "PENDING_CREATION" and a["ActorClassName"].startswith("MapWorker")]
+
+        deadline = time.time() + 120
+        while time.time() < deadline and not waiting():
+            time.sleep(1)
+        assert waiting(), "no embed actor waiting"
+        time.sleep(10)  # CPUs are free: a CPU actor would have started (and the 10 documents been embedded)
+        assert waiting() and proc.poll() is None
+        assert not (tmp_path / "ix" / "_latest").exists()
+    finally:
+        proc.kill()
+        out = proc.communicate()[0]
+    assert "embed actors: 1..2 x (1 CPU, 1 GPU" in out

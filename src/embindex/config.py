@@ -179,10 +179,33 @@ class IndexConfig(_Stored, _Section):
         return self.factory.get(str(dim), self.factory.get("default", "auto"))
 
 
+class ActorRange(_Section):
+    """An autoscaling actor pool: Ray Data grows it from `min` to `max` actors while work is queued."""
+
+    min: int = Field(1, ge=1)
+    max: int = Field(..., ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ActorRange":
+        if self.max < self.min:
+            raise ValueError(f"resources.actors: max {self.max} < min {self.min}")
+        return self
+
+
 class ResourcesConfig(_Section):
-    actors: int = Field(1, ge=1)
+    actors: int | ActorRange = Field(1, description="embed actors: a number, or {min, max} for an autoscaling pool")
+    accelerator: Literal["auto", "gpu", "cpu"] = Field(
+        "auto", description="gpu: actors ask for GPUs even when none is up yet (the autoscaler provisions them); "
+        "cpu: never; auto: GPUs when the cluster has them")
     cpus_per_actor: float | None = Field(None, gt=0)
     gpus_per_actor: float | None = Field(None, ge=0)
+
+    @field_validator("actors", mode="before")
+    @classmethod
+    def _actors(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ValueError("resources.actors must be >= 1")
+        return v
     batch_tokens: int = Field(4096, gt=0, description="max padded tokens per forward batch (GPUs: 16k-64k)")
     ray_address: str | None = None
     num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray started in-process")

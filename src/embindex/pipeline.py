@@ -29,7 +29,7 @@ from .models import load_family
 from .models.base import checkpoint_hash
 from .sources.census import take_census
 from .sources.normalize import mark_duplicates
-from .ray_runtime import actor_resources, classify_failure, quiet_ray_data, ray_session
+from .ray_runtime import actor_pool, actor_resources, classify_failure, gpu_request, quiet_ray_data, ray_session
 from .sources.readers import open_corpus
 from .storage import Storage
 
@@ -243,6 +243,9 @@ def _embed_fragments(job: Job, todo: list[Any], steps: list[tuple[Callable, dict
         return
     cfg, info = job.cfg, job.info
     cpus, gpus, threads = actor_resources(cfg.resources)
+    pool = cfg.resources.actors
+    job.log(f"[embindex] embed actors: {pool if isinstance(pool, int) else f'{pool.min}..{pool.max}'} x "
+            f"({cpus:g} CPU, {gpus:g} GPU, {threads} torch threads; accelerator {cfg.resources.accelerator})")
     model_json, outputs_json = cfg.model.model_dump_json(), cfg.outputs.model_dump_json()
     ds = job.corpus.dataset(todo)
     for fn, kwargs in steps:
@@ -259,8 +262,8 @@ def _embed_fragments(job: Job, todo: list[Any], steps: list[tuple[Callable, dict
                                "batch_tokens": cfg.resources.batch_tokens, "torch_threads": threads,
                                "window": job.window, "window_overlap": window_overlap(cfg, job.window),
                                "progress": reporter.prefix},
-        compute=ray.data.ActorPoolStrategy(size=cfg.resources.actors),
-        batch_size=None, batch_format="pyarrow", num_cpus=cpus, num_gpus=gpus,
+        compute=actor_pool(cfg.resources),
+        batch_size=None, batch_format="pyarrow", num_cpus=cpus, **gpu_request(gpus),
     )
     ds = ds.map_batches(write_fragment, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"root": cfg.index.uri, "storage": cfg.index.storage, "run_id": job.run_id})

@@ -3,10 +3,12 @@ run plain tasks (`run_tasks`), tell retryable failures from deterministic ones (
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
 import threading
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -55,18 +57,53 @@ def _exit_on_sigterm() -> Any:
 
 
 def actor_resources(res: ResourcesConfig) -> tuple[float, float, int]:
-    """(cpus, gpus, torch threads) per embed actor: one GPU each when the cluster has GPUs; on CPU-only
-    clusters the actor takes the local cores and runs torch on all of them."""
+    """(cpus, gpus, torch threads) per embed actor.
+
+    GPUs: `gpus_per_actor` when set; else one per actor with `accelerator: gpu` (requested even when no GPU
+    node is up, so an autoscaler provisions one) or with `auto` on a cluster that has GPUs; none with `cpu`.
+    CPUs: `cpus_per_actor` when set; 1 beside a GPU; a CPU actor takes the cores of the largest node but one
+    (left for read and write tasks), never the driver machine's core count."""
     import ray
 
     gpus = res.gpus_per_actor
     if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        if res.accelerator == "gpu":
+            gpus = 1.0
+        elif res.accelerator == "auto":
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        else:
+            gpus = 0.0
     cpus = res.cpus_per_actor
     if cpus is None:
-        cpus = 1.0 if gpus else float(os.cpu_count() or 1)
+        cpus = 1.0 if gpus else max(1.0, largest_node_cpus() - 1)
     threads = res.torch_threads or max(1, int(cpus))
     return cpus, gpus, threads
+
+
+def largest_node_cpus() -> float:
+    """CPUs of the alive node with the most (the head's when it is alone)."""
+    import ray
+
+    return max((n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
+
+
+def gpu_request(gpus: float) -> dict[str, Any]:
+    """map_batches arguments asking each actor for `gpus` GPUs while keeping `batch_size=None`: a batch is one
+    whole block, i.e. one fragment, the unit of commit. (`num_gpus=` would make Ray Data demand a batch size,
+    which re-bundles blocks: fragments split or merged across batches.)"""
+    if not gpus:
+        return {}
+    warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")  # pinned below 2.64
+    return {"ray_remote_args_fn": functools.partial(dict, num_gpus=gpus)}
+
+
+def actor_pool(res: ResourcesConfig) -> Any:
+    """Ray Data's actor pool for `resources.actors`: fixed size, or autoscaling between min and max."""
+    import ray.data
+
+    if isinstance(res.actors, int):
+        return ray.data.ActorPoolStrategy(size=res.actors)
+    return ray.data.ActorPoolStrategy(min_size=res.actors.min, max_size=res.actors.max)
 
 
 def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], shared: dict[str, Any] | None = None,
