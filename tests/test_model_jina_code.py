@@ -204,3 +204,14 @@ def test_bad_request_options():
         load_family(spec(pooling="mean"))
     with pytest.raises(ModelError, match="exceeds"):
         load_family(spec(max_length=40000))
+
+
+def test_float16_is_refused_unless_forced():
+    """Qwen decoders overflow in float16: the family refuses it (before any worker starts) unless forced."""
+    def with_dtype(dtype: str, **kw) -> ModelSpec:
+        return ModelSpec(name="jina-code-embeddings", path=FIXTURE, dtype=dtype, task="nl2code", **kw)
+
+    with pytest.raises(ModelError, match="overflows in float16"):
+        load_family(with_dtype("float16"))
+    assert load_family(with_dtype("float16", force_dtype=True)).info().dim == 64
+    assert load_family(with_dtype("bfloat16")).info().dim == 64

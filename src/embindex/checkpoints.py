@@ -85,5 +85,6 @@ def model_spec(cfg: ModelConfig) -> ModelSpec:
     """Resolve the checkpoint locally (fetching it if needed) and build the model-layer spec."""
     local = resolve_model_path(cfg.path, cfg.storage_options(), cfg.cache_dir)
     return ModelSpec(
-        name=cfg.name, path=local, dtype=cfg.dtype, max_length=cfg.max_length, task=cfg.task, pooling=cfg.pooling
+        name=cfg.name, path=local, dtype=cfg.dtype, max_length=cfg.max_length, task=cfg.task, pooling=cfg.pooling,
+        force_dtype=cfg.force_dtype,
     )

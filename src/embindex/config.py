@@ -62,6 +62,7 @@ class ModelConfig(_Stored, _Section):
     task: str | None = None
     role: Literal["document", "query"] = "document"
     pooling: Literal["auto", "mean", "cls", "last"] = "auto"
+    force_dtype: bool = Field(False, description="run float16 on a family that refuses it (Qwen-based: overflow)")
     storage: dict[str, Any] = Field(default_factory=dict)
     cache_dir: str | None = None
 

@@ -31,6 +31,7 @@ class ModelSpec:
     max_length: int | None = None
     task: str | None = None
     pooling: str = "auto"
+    force_dtype: bool = False  # run a dtype the family refuses by default (float16 on Qwen-based families)
 
 
 @dataclass
@@ -206,10 +207,14 @@ class ModelFamily(ABC):
     """A registered family: validates a checkpoint directory and builds its tokenizer and encoder."""
 
     name: ClassVar[str]
+    fp16_safe: ClassVar[bool] = True  # False: activations overflow float16's range (Qwen-based decoders)
 
     def __init__(self, spec: ModelSpec):
         if not os.path.isdir(spec.path):
             raise ModelError(f"model path {spec.path!r} is not a directory")
+        if spec.dtype == "float16" and not self.fp16_safe and not spec.force_dtype:
+            raise ModelError(f"model family {self.name!r} overflows in float16 (its activations exceed float16's "
+                             "range and become inf/NaN); use bfloat16 or float32, or set model.force_dtype: true")
         self.spec = spec
 
     @abstractmethod

@@ -186,6 +186,7 @@ class JinaCodeEmbeddingsFamily(ModelFamily):
     """`model.name: jina-code-embeddings` (0.5b / 1.5b, or any Qwen2 checkpoint in the same layout)."""
 
     name = "jina-code-embeddings"
+    fp16_safe = False  # Qwen decoder: float16 activations overflow
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)

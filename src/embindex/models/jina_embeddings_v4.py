@@ -379,6 +379,7 @@ class JinaEmbeddingsV4Family(ModelFamily):
     """`model.name: jina-embeddings-v4` (text and images; single- and multi-vector)."""
 
     name = "jina-embeddings-v4"
+    fp16_safe = False  # Qwen decoder: float16 activations overflow
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)

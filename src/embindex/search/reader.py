@@ -126,7 +126,8 @@ class IndexReader:
             cfg = self.manifest.config.get("model", {})
             path = resolve_model_path(self._model_path or m.path, self.storage.options)
             spec = ModelSpec(name=m.name, path=path, dtype=cfg.get("dtype", "auto"),
-                             max_length=cfg.get("max_length"), task=m.task, pooling=cfg.get("pooling", "auto"))
+                             max_length=cfg.get("max_length"), task=m.task, pooling=cfg.get("pooling", "auto"),
+                             force_dtype=bool(cfg.get("force_dtype", False)))
             self._embedder = Embedder(load_family(spec), device=self._device)
         return self._embedder
 
