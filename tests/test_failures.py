@@ -117,7 +117,7 @@ def test_accelerator_gpu_asks_for_gpus_on_a_cluster_without_them(ray_cluster, tm
         while time.time() < deadline and not waiting():
             time.sleep(1)
         assert waiting(), "no embed actor waiting"
-        time.sleep(10)  # CPUs are free: a CPU actor would have started (and the 10 documents been embedded)
+        time.sleep(5)  # CPUs are free: a CPU actor would have started (and the 10 documents been embedded)
         assert waiting() and proc.poll() is None
         assert not (tmp_path / "ix" / "_latest").exists()
     finally:
