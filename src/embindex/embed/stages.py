@@ -8,6 +8,11 @@ Output modes (`OutputsConfig.mode`):
 - naive:       documents split into chunks in the tokenize stage, each chunk embedded alone;
 - late:        each document through the model once, one vector per chunk span (late chunking);
 - multivector: per-token vectors per document (ColBERT style) plus their normalized mean.
+
+Failures are handled in the actor, per row: a forward out of device memory is split (halved, down to one
+row; `models.embedder.split_on_oom`), a row that alone does not fit becomes a `too_large_for_device` reject,
+and a row with any non-finite vector a `non_finite` reject (a chunked document is rejected whole, as one
+row), so the build goes on and rows in = indexed + rejected still holds.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from ..config import ModelConfig, OutputsConfig
 from ..index.shards import CONTENT_COLUMN, CONTENT_IMAGE_COLUMN
 from ..models import load_family
 from ..models.base import ImageProcessor, ModelFamily, Role, TextTokenizer
-from ..models.embedder import Embedder
-from ..models.late_chunking import late_chunk, pool_spans
+from ..models.embedder import Embedder, Rejects, error_line, free_device_memory, is_device_oom, split_on_oom
+from ..models.late_chunking import pool_spans, token_states
+from ..sources.normalize import Reasons
 from ..text.batching import pad_batch, token_budget_batches
 from ..text.chunking import ChunkSpec, chunk_spans, token_spans
 from ..ray_runtime import ComputeThread
+from .faults import Faults, FaultyEncoder
 from .image_inputs import PIXEL_COLUMNS, pixels_of, prepare_image_rows
 from .progress import ProgressSink
 
@@ -206,6 +213,19 @@ class EmbedActor:
             self.embedder.encode_tokens(warm, task=task)
         else:
             self.embedder.encode(warm, task=task)
+        self.faulty = self._inject_faults(Faults.from_env())
+
+    def _inject_faults(self, faults: Faults | None) -> FaultyEncoder | None:
+        """Test-only fault injection from the environment (`embed/faults.py`); None when off."""
+        if faults is None:
+            return None
+        emb = self.embedder
+
+        def image_tokens(p: np.ndarray) -> int:
+            return emb.image_processor.sequence_length(p.shape[0], p.shape[1])
+
+        emb.encoder = FaultyEncoder(emb.encoder, faults, image_tokens)  # type: ignore[assignment]
+        return emb.encoder  # type: ignore[return-value]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self._compute.run(self._embed_batch, batch)
@@ -214,6 +234,8 @@ class EmbedActor:
         start = time.perf_counter()
         if self.progress is not None:
             self.progress.started()
+        if self.faulty is not None:
+            self.faulty.watch(batch)
         rejected = pc.is_valid(batch.column("reject")).to_numpy(zero_copy_only=False)
         is_image = pc.fill_null(pc.is_valid(batch.column("pixels")), False).to_numpy(zero_copy_only=False) \
             & ~rejected
@@ -223,13 +245,7 @@ class EmbedActor:
         elif self.mode == "multivector":
             out = self._multivector(batch, texts, images, rejected)
         else:
-            vectors = np.zeros((batch.num_rows, self.dim), dtype=np.float32)
-            if texts.size:
-                vectors[texts] = self.embedder.embed_ids(_lists_of(batch.column("input_ids"), texts), self.task,
-                                                         on_batch=self._report)
-            if images.size:
-                vectors[images] = self._images(batch, images)[0]
-            out = _drop_inputs(batch).append_column(VECTOR_COLUMN, vectors_to_arrow(vectors, ~rejected))
+            out = self._single(batch, texts, images, rejected)
         self.busy_s += time.perf_counter() - start
         self.rows += int(texts.size + images.size)
         if self.mode not in ("document", "naive"):  # other modes report once per fragment
@@ -237,9 +253,33 @@ class EmbedActor:
         self._flush()
         return out
 
-    def _images(self, batch: pa.Table, rows: np.ndarray, tokens: bool = False):
+    def _single(self, batch: pa.Table, texts: np.ndarray, images: np.ndarray, rejected: np.ndarray) -> pa.Table:
+        """Document and naive modes: one vector per row."""
+        vectors = np.zeros((batch.num_rows, self.dim), dtype=np.float32)
+        rejects: Rejects = {}
+        if texts.size:
+            local: Rejects = {}
+            vectors[texts] = self.embedder.embed_ids(_lists_of(batch.column("input_ids"), texts), self.task,
+                                                     on_batch=self._report, rejects=local)
+            _add_rejects(rejects, local, texts)
+        if images.size:
+            vectors[images] = self._images(batch, images, rejects)[0]
+        if rejects and self.mode == "naive":
+            keep, rejects = _whole_documents(batch, rejected, rejects)
+            batch, vectors, rejected = batch.take(pa.array(keep, pa.int64())), vectors[keep], rejected[keep]
+        valid = ~rejected
+        valid[list(rejects)] = False
+        out = _drop_inputs(_with_rejects(batch, rejects))
+        return out.append_column(VECTOR_COLUMN, vectors_to_arrow(vectors, valid))
+
+    def _images(self, batch: pa.Table, rows: np.ndarray, rejects: Rejects, tokens: bool = False):
+        """Embed the image rows; rows it cannot embed go to `rejects` (by batch row)."""
         report = self._report if self.mode in ("document", "naive") else None
-        return self.embedder.embed_images(pixels_of(batch, rows), self.task, tokens=tokens, on_batch=report)
+        local: Rejects = {}
+        out = self.embedder.embed_images(pixels_of(batch, rows), self.task, tokens=tokens, on_batch=report,
+                                         rejects=local)
+        _add_rejects(rejects, local, rows)
+        return out
 
     def _report(self, rows: int) -> None:
         if self.progress is not None:
@@ -251,65 +291,153 @@ class EmbedActor:
 
     # -- late chunking -------------------------------------------------------------------------
     def _late(self, batch: pa.Table, todo: np.ndarray, images: np.ndarray) -> pa.Table:
-        """Text documents: one vector per chunk span; images: one vector, no chunk."""
-        import torch
-
+        """Text documents: one vector per chunk span; images: one vector, no chunk. A document that does
+        not fit the device or has a non-finite chunk vector is one reject row."""
         ids = _lists_of(batch.column("input_ids"), np.arange(batch.num_rows))
         chars = _lists_of(batch.column("chunk_chars"), np.arange(batch.num_rows))
         toks = _lists_of(batch.column("chunk_tokens"), np.arange(batch.num_rows))
+        spans = {int(i): [tuple(int(x) for x in s) for s in toks[i].reshape(-1, 2) if s[1] > s[0]] for i in todo}
+        rejects: Rejects = {}
         per_doc: dict[int, np.ndarray] = {}
         short = [int(i) for i in todo if len(ids[i]) <= self.window]
         for i in todo:
             if len(ids[i]) > self.window:
-                per_doc[int(i)] = late_chunk(self.embedder.encoder, ids[i], toks[i].reshape(-1, 2), self.task,
-                                             self.window, self.window_overlap)
-        tok = self.embedder.tokenizer
-        for idx in token_budget_batches([len(ids[i]) for i in short], self.embedder.batch_tokens):
-            rows = [short[j] for j in idx]
-            input_ids, mask = pad_batch([ids[r] for r in rows], tok.pad_token_id, self.embedder.padding_side)
-            states = self.embedder.encoder.forward_token_states(torch.from_numpy(input_ids),
-                                                                torch.from_numpy(mask), self.task).float()
-            for b, r in enumerate(rows):
-                per_doc[r] = pool_spans(states[b], [tuple(s) for s in toks[r].reshape(-1, 2)])
-        whole = dict(zip(images.tolist(), self._images(batch, images)[0])) if images.size else {}
+                vecs = self._late_long(ids[i], spans[int(i)], int(i), rejects)
+                if vecs is not None:
+                    per_doc[int(i)] = vecs
+        self._late_short(ids, short, spans, per_doc, rejects)
+        for i in list(per_doc):
+            if not self.embedder.check_finite(rejects, i, per_doc[i].reshape(-1)):
+                del per_doc[i]
+        whole = {}
+        if images.size:
+            vecs = self._images(batch, images, rejects)[0]
+            whole = {i: v for i, v in zip(images.tolist(), vecs) if i not in rejects}
+        batch = _with_rejects(batch, rejects)
         take, chunk, start, end, vecs = [], [], [], [], []
         for i in range(batch.num_rows):
             if i not in per_doc:  # a reject (no vector) or an image (one vector): one row, no chunk
                 take.append(i), chunk.append(None), start.append(None), end.append(None)
                 vecs.append(whole.get(i))
                 continue
-            spans = chars[i].reshape(-1, 2)
-            for k, ((s, e), v) in enumerate(zip(spans, per_doc[i])):
+            for k, ((s, e), v) in enumerate(zip(chars[i].reshape(-1, 2), per_doc[i])):
                 take.append(i), chunk.append(k), start.append(int(s)), end.append(int(e)), vecs.append(v)
         out = _drop_inputs(batch.take(pa.array(take, pa.int64())))
         out = _with_chunk_columns(out, chunk, start, end)
         if CONTENT_COLUMN in out.column_names:  # each chunk row keeps its own span of the document
             text = out.column(CONTENT_COLUMN).to_pylist()
-            spans = [t if s is None or t is None else t[s:e] for t, s, e in zip(text, start, end)]
+            spans_ = [t if s is None or t is None else t[s:e] for t, s, e in zip(text, start, end)]
             out = out.set_column(out.schema.get_field_index(CONTENT_COLUMN), CONTENT_COLUMN,
-                                 pa.array(spans, pa.string()))
+                                 pa.array(spans_, pa.string()))
         valid = np.array([v is not None for v in vecs], dtype=bool)
         matrix = np.zeros((len(vecs), self.dim), dtype=np.float32)
         if valid.any():
             matrix[valid] = np.stack([v for v in vecs if v is not None])
         return out.append_column(VECTOR_COLUMN, vectors_to_arrow(matrix, valid))
 
+    def _late_short(self, ids: list[np.ndarray], short: list[int], spans: dict[int, list[tuple[int, int]]],
+                    per_doc: dict[int, np.ndarray], rejects: Rejects) -> None:
+        """Documents within the window: token-budget batches, halved on device OOM."""
+        import torch
+
+        tok = self.embedder.tokenizer
+
+        def forward(idx: np.ndarray) -> None:
+            rows = [short[j] for j in idx]
+            input_ids, mask = pad_batch([ids[r] for r in rows], tok.pad_token_id, self.embedder.padding_side)
+            states = self.embedder.encoder.forward_token_states(torch.from_numpy(input_ids),
+                                                                torch.from_numpy(mask), self.task).float()
+            for b, r in enumerate(rows):
+                per_doc[r] = pool_spans(states[b], spans[r])
+
+        def too_large(j: int, error: str) -> None:
+            rejects[short[j]] = (Reasons.TOO_LARGE_FOR_DEVICE,
+                                 self.embedder.device_detail(f"{len(ids[short[j]])} tokens", error))
+
+        for idx in token_budget_batches([len(ids[i]) for i in short], self.embedder.batch_tokens):
+            split_on_oom(idx, forward, too_large)
+
+    def _late_long(self, ids: np.ndarray, spans: list[tuple[int, int]], row: int, rejects: Rejects,
+                   max_windows: int = 8) -> np.ndarray | None:
+        """A document over the window: its macro windows, fewer per forward on device OOM; None (and a
+        reject) when a single window does not fit."""
+        while True:
+            try:
+                return pool_spans(token_states(self.embedder.encoder, ids, self.task, self.window,
+                                               self.window_overlap, max_windows), spans)
+            except Exception as e:  # noqa: BLE001 - only OOM is handled
+                if not is_device_oom(e):
+                    raise
+                error = error_line(e)
+            free_device_memory()
+            if max_windows == 1:
+                what = f"{len(ids)} tokens in windows of {self.window}"
+                rejects[row] = (Reasons.TOO_LARGE_FOR_DEVICE, self.embedder.device_detail(what, error))
+                return None
+            max_windows //= 2
+
     # -- multi-vector --------------------------------------------------------------------------
     def _multivector(self, batch: pa.Table, texts: np.ndarray, images: np.ndarray, rejected: np.ndarray) -> pa.Table:
         single = np.zeros((batch.num_rows, self.dim), dtype=np.float32)
         per_row: list[np.ndarray | None] = [None] * batch.num_rows
+        rejects: Rejects = {}
         if texts.size:
-            vecs, toks = self.embedder.embed_multi(_lists_of(batch.column("input_ids"), texts), self.task)
+            local: Rejects = {}
+            vecs, toks = self.embedder.embed_multi(_lists_of(batch.column("input_ids"), texts), self.task,
+                                                   rejects=local)
+            _add_rejects(rejects, local, texts)
             single[texts] = vecs
             for i, t in zip(texts, toks):
                 per_row[i] = t
         if images.size:
-            vecs, toks = self._images(batch, images, tokens=True)
+            vecs, toks = self._images(batch, images, rejects, tokens=True)
             single[images] = vecs
             for i, t in zip(images, toks or []):
                 per_row[i] = t
-        out = _drop_inputs(batch).append_column(VECTOR_COLUMN, vectors_to_arrow(single, ~rejected))
+        valid = ~rejected
+        for i in rejects:
+            valid[i], per_row[i] = False, None
+        out = _drop_inputs(_with_rejects(batch, rejects)).append_column(VECTOR_COLUMN, vectors_to_arrow(single, valid))
         return out.append_column(TOKEN_VECTORS_COLUMN, token_vectors_to_arrow(per_row, self.embedder.token_dim))
+
+
+def _add_rejects(into: Rejects, local: Rejects, rows: np.ndarray) -> None:
+    """Rejects keyed by position in `rows` -> keyed by batch row."""
+    for j, value in local.items():
+        into[int(rows[j])] = value
+
+
+def _with_rejects(batch: pa.Table, rejects: Rejects) -> pa.Table:
+    """Set `reject` / `reject_detail` of the given rows."""
+    if not rejects:
+        return batch
+    reason, detail = batch.column("reject").to_pylist(), batch.column("reject_detail").to_pylist()
+    for i, (r, d) in rejects.items():
+        reason[i], detail[i] = r, d
+    for name, values in (("reject", reason), ("reject_detail", detail)):
+        pos = batch.schema.get_field_index(name)
+        batch = batch.set_column(pos, name, pa.array(values, batch.schema.field(pos).type))
+    return batch
+
+
+def _whole_documents(batch: pa.Table, rejected: np.ndarray, rejects: Rejects) -> tuple[list[int], Rejects]:
+    """Naive chunking: a document with a rejected chunk is rejected whole, as one row (its first), so rows
+    in = documents + rejects still holds. Returns (rows to keep, rejects keyed by kept position)."""
+    ids = batch.column("id").to_pylist()
+    failed: dict[str, tuple[str, str]] = {}
+    for i in sorted(rejects):
+        failed.setdefault(ids[i], rejects[i])
+    keep: list[int] = []
+    out: Rejects = {}
+    done: set[str] = set()
+    for i, doc in enumerate(ids):
+        if rejected[i] or doc not in failed:
+            keep.append(i)
+        elif doc not in done:
+            done.add(doc)
+            out[len(keep)] = failed[doc]
+            keep.append(i)
+    return keep, out
 
 
 def _drop_inputs(batch: pa.Table) -> pa.Table:

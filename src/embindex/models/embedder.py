@@ -2,6 +2,10 @@
 
 Used inside the Ray embed actors, by search (query encoding), notebooks and benchmarks, so every
 caller shares one code path for padding, pooling and normalization.
+
+Device memory: a forward that runs out of memory frees the cache, halves its batch and retries, down to
+one row (`split_on_oom`). Callers that pass `rejects` (the embed actor) get the rows that do not fit
+even alone, and rows whose output is not finite, back as rejects instead of an exception.
 """
 
 from __future__ import annotations
@@ -11,13 +15,73 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..sources.normalize import Reasons
 from ..text.batching import pad_batch, token_budget_batches
 from .base import ImageProcessor, ModelFamily, ModelInfo, Role, TextEncoder, TextTokenizer
+
+Rejects = dict[int, tuple[str, str]]  # row (position in the call's input) -> (reason, detail)
+_OOM_TYPES = tuple({t for t in (getattr(torch, "OutOfMemoryError", None),
+                                getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None})
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
+
+
+def is_device_oom(exc: BaseException) -> bool:
+    """torch's (CUDA) OutOfMemoryError, or a RuntimeError saying "out of memory"."""
+    if _OOM_TYPES and isinstance(exc, _OOM_TYPES):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def free_device_memory() -> None:
+    """Return the CUDA caching allocator's free blocks (no-op without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def error_line(exc: BaseException) -> str:
+    """The exception's type and first line, for a reject detail."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def split_on_oom(idx: np.ndarray, forward: Callable[[np.ndarray], None],
+                 too_large: Callable[[int, str], None] | None = None) -> None:
+    """`forward(idx)`; on device OOM free the cache, halve the batch and retry, recursively down to one
+    row. A row that alone does not fit goes to `too_large(row, error)`, or raises without it."""
+    try:
+        forward(idx)
+        return
+    except Exception as e:  # noqa: BLE001 - only OOM is handled; the rest is re-raised
+        if not is_device_oom(e) or (len(idx) == 1 and too_large is None):
+            raise
+        error = error_line(e)
+    free_device_memory()  # outside the except block: the traceback no longer pins the batch's tensors
+    if len(idx) == 1:
+        too_large(int(idx[0]), error)  # type: ignore[misc]
+        return
+    half = (len(idx) + 1) // 2
+    split_on_oom(idx[:half], forward, too_large)
+    split_on_oom(idx[half:], forward, too_large)
+
+
+def device_memory(device: Any) -> str:
+    """", 1.2 GiB free of 80.0 GiB" for a CUDA device, "" otherwise."""
+    try:
+        dev = torch.device(device) if device is not None else None
+        if dev is None or dev.type != "cuda" or not torch.cuda.is_available():
+            return ""
+        free, total = torch.cuda.mem_get_info(dev)
+    except Exception:  # noqa: BLE001 - a detail string must never fail the build
+        return ""
+    return f", {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB"
+
+
+def _row_finite(*arrays: np.ndarray | None) -> bool:
+    return all(a is None or bool(np.isfinite(a).all()) for a in arrays)
 
 
 class Embedder:
@@ -43,33 +107,80 @@ class Embedder:
         return self.tokenizer(texts, role, task)
 
     def embed_ids(self, ids: Sequence[np.ndarray], task: str | None = None,
-                  on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-        """Token ids -> [N, dim] float32 L2-normalized, in input order. `on_batch(rows)` after each forward."""
-        out = np.empty((len(ids), self.info.dim), dtype=np.float32)
-        lengths = [len(x) for x in ids]
-        for idx in token_budget_batches(lengths, self.batch_tokens):
+                  on_batch: Callable[[int], None] | None = None, rejects: Rejects | None = None) -> np.ndarray:
+        """Token ids -> [N, dim] float32 L2-normalized, in input order. `on_batch(rows)` after each forward.
+        With `rejects`, rows too large for the device or with a non-finite vector are recorded there
+        (their vectors are zero) instead of raising."""
+        out = np.zeros((len(ids), self.info.dim), dtype=np.float32)
+
+        def forward(idx: np.ndarray) -> None:
             input_ids, mask = pad_batch([ids[i] for i in idx], self.tokenizer.pad_token_id, self.padding_side)
             pooled = self.encoder.forward_pooled(torch.from_numpy(input_ids), torch.from_numpy(mask), task)
             out[idx] = pooled.float().cpu().numpy()
             if on_batch is not None:
                 on_batch(len(idx))
+
+        too_large = self._too_large(rejects, on_batch, lambda i: f"{len(ids[i])} tokens")
+        for idx in token_budget_batches([len(x) for x in ids], self.batch_tokens):
+            split_on_oom(idx, forward, too_large)
+        if rejects is not None:
+            for i in range(len(ids)):
+                self.check_finite(rejects, i, out[i])
         return l2_normalize(out)
 
     def encode(self, texts: Sequence[str], role: Role = "document", task: str | None = None) -> np.ndarray:
         return self.embed_ids(self.tokenize(texts, role, task), task)
+
+    # -- rows the device cannot take, outputs that are not finite -------------------------------
+    def device_detail(self, what: str, error: str) -> str:
+        """Why a row was not embedded: its size, the model's dtype and device, the device's memory."""
+        device = getattr(self.encoder, "device", None)
+        dtype = str(getattr(self.encoder, "dtype", "unknown")).replace("torch.", "")
+        return f"{what} do not fit on {device} ({dtype}{device_memory(device)}) even alone: {error}"
+
+    def _too_large(self, rejects: Rejects | None, on_batch: Callable[[int], None] | None,
+                   what: Callable[[int], str]) -> Callable[[int, str], None] | None:
+        """`split_on_oom`'s callback: record a `too_large_for_device` reject (None: raise instead)."""
+        if rejects is None:
+            return None
+
+        def record(row: int, error: str) -> None:
+            rejects[row] = (Reasons.TOO_LARGE_FOR_DEVICE, self.device_detail(what(row), error))
+            if on_batch is not None:
+                on_batch(1)
+
+        return record
+
+    def check_finite(self, rejects: Rejects, row: int, vector: np.ndarray,
+                     tokens: np.ndarray | None = None) -> bool:
+        """False (and a `non_finite` reject, the vector zeroed) when the row's vectors are not all finite."""
+        if row in rejects:
+            return False
+        if _row_finite(vector, tokens):
+            return True
+        values = np.concatenate([vector.reshape(-1)] + ([] if tokens is None else [tokens.reshape(-1)]))
+        n_nan, n_inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+        dtype = str(getattr(self.encoder, "dtype", "unknown")).replace("torch.", "")
+        rejects[row] = (Reasons.NON_FINITE, f"the model output holds {n_nan} NaN and {n_inf} infinite values of "
+                        f"{values.size} ({dtype} on {getattr(self.encoder, 'device', None)})")
+        vector[:] = 0
+        return False
 
     @property
     def token_dim(self) -> int:
         return self.info.token_dim or self.info.dim
 
     def embed_multi(self, ids: Sequence[np.ndarray], task: str | None = None,
-                    on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+                    on_batch: Callable[[int], None] | None = None,
+                    rejects: Rejects | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """Multi-vector families: token ids -> ([N, dim] unit single vectors, per row the kept [n_i, d]
         unit token vectors), in input order. The single vector is the model's own (e.g. v4's mean-pooled
-        hidden state) or, where it has none, the normalized mean of the token vectors."""
+        hidden state) or, where it has none, the normalized mean of the token vectors.
+        `rejects` as in `embed_ids` (a row is rejected when any of its vectors is not finite)."""
         single = np.zeros((len(ids), self.info.dim), np.float32)
         out: list[np.ndarray] = [np.zeros((0, self.token_dim), np.float32)] * len(ids)
-        for idx in token_budget_batches([len(x) for x in ids], self.batch_tokens):
+
+        def forward(idx: np.ndarray) -> None:
             input_ids, mask = pad_batch([ids[i] for i in idx], self.tokenizer.pad_token_id, self.padding_side)
             pooled, vecs, keep = self.encoder.forward_multi(torch.from_numpy(input_ids), torch.from_numpy(mask), task)
             vecs, keep = vecs.float().cpu().numpy(), keep.cpu().numpy()
@@ -81,6 +192,14 @@ class Embedder:
                 single[idx] = [out[i].mean(0) if len(out[i]) else single[i] for i in idx]
             if on_batch is not None:
                 on_batch(len(idx))
+
+        too_large = self._too_large(rejects, on_batch, lambda i: f"{len(ids[i])} tokens")
+        for idx in token_budget_batches([len(x) for x in ids], self.batch_tokens):
+            split_on_oom(idx, forward, too_large)
+        if rejects is not None:
+            for i in range(len(ids)):
+                if not self.check_finite(rejects, i, single[i], out[i]):
+                    out[i] = np.zeros((0, self.token_dim), np.float32)
         return l2_normalize(single), out
 
     def embed_tokens(self, ids: Sequence[np.ndarray], task: str | None = None) -> list[np.ndarray]:
@@ -102,14 +221,17 @@ class Embedder:
         return self._image_processor
 
     def embed_images(self, pixels: Sequence[np.ndarray], task: str | None = None, tokens: bool = False,
-                     on_batch: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[np.ndarray] | None]:
+                     on_batch: Callable[[int], None] | None = None,
+                     rejects: Rejects | None = None) -> tuple[np.ndarray, list[np.ndarray] | None]:
         """Prepared [H, W, 3] uint8 images -> ([N, dim] unit vectors, per image [n_i, d] token vectors
-        when `tokens`), batched by the encoder's sequence length per image within the token budget."""
+        when `tokens`), batched by the encoder's sequence length per image within the token budget.
+        `rejects` as in `embed_ids`."""
         single = np.zeros((len(pixels), self.info.dim), np.float32)
-        per_image: list[np.ndarray] | None = [np.zeros((0, self.token_dim), np.float32)] * len(pixels) \
-            if tokens else None
+        empty = np.zeros((0, self.token_dim), np.float32)
+        per_image: list[np.ndarray] | None = [empty] * len(pixels) if tokens else None
         lengths = [self.image_processor.sequence_length(p.shape[0], p.shape[1]) for p in pixels]
-        for idx in token_budget_batches(lengths, self.batch_tokens):
+
+        def forward(idx: np.ndarray) -> None:
             pooled, toks = self.encoder.forward_images([pixels[i] for i in idx], task, tokens=tokens)
             single[idx] = pooled.float().cpu().numpy()
             if per_image is not None and toks is not None:
@@ -117,6 +239,16 @@ class Embedder:
                     per_image[i] = t.float().cpu().numpy()
             if on_batch is not None:
                 on_batch(len(idx))
+
+        too_large = self._too_large(rejects, on_batch, lambda i: f"image {pixels[i].shape[0]}x{pixels[i].shape[1]} "
+                                    f"({lengths[i]} tokens)")
+        for idx in token_budget_batches(lengths, self.batch_tokens):
+            split_on_oom(idx, forward, too_large)
+        if rejects is not None:
+            for i in range(len(pixels)):
+                if not self.check_finite(rejects, i, single[i], None if per_image is None else per_image[i]) \
+                        and per_image is not None:
+                    per_image[i] = empty
         return l2_normalize(single), per_image
 
     def prepare_images(self, images: Sequence[Any]) -> list[np.ndarray]:

@@ -50,6 +50,9 @@ class Reasons:
     IMAGE_TOO_LARGE = "image_too_large"
     IMAGE_UNSUPPORTED = "image_unsupported"
     UNSUPPORTED_MODALITY = "unsupported_modality"
+    # set by the embed actor: a row that alone does not fit the device, a model output that is not finite
+    TOO_LARGE_FOR_DEVICE = "too_large_for_device"
+    NON_FINITE = "non_finite"
 
 
 @dataclass(frozen=True)
