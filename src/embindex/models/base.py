@@ -383,3 +383,10 @@ def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 POOLERS = {"mean": mean_pool, "cls": cls_pool, "last": last_token_pool}
+
+
+def check_no_meta_tensors(module: torch.nn.Module, path: str) -> None:
+    """After loading with `assign=True` into a meta-device module: every parameter and buffer is real."""
+    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if left:
+        raise ModelError(f"{path}: tensors left uninitialised after loading: {left[:5]}")

@@ -44,6 +44,7 @@ from .base import (
     PrefixTokenizer,
     Role,
     TextEncoder,
+    check_no_meta_tensors,
     load_checked_state,
     load_tokenizer_file,
     mean_pool,
@@ -240,9 +241,7 @@ class JinaV4Encoder(TextEncoder):
         # non-persistent rotary buffers, rebuilt off the meta device
         module.model.language_model.rotary_emb = Qwen2_5_VLRotaryEmbedding(config.text_config).to(device)
         module.model.visual.rotary_pos_emb = Qwen2_5_VLVisionRotaryEmbedding(config.vision_config).to(device)
-        left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
-        if left:
-            raise ModelError(f"{path}: tensors left uninitialised after loading: {left[:5]}")
+        check_no_meta_tensors(module, path)
 
         acfg, loras, targets = _read_adapters(path, module, self.tasks, load=True)
         lora_config = LoraConfig(

@@ -42,7 +42,8 @@ import torch
 from torch import nn
 
 from ..text.batching import pad_batch, token_budget_batches
-from .base import ModelError, load_checked_state, load_tokenizer_file, read_config, read_json
+from .base import (ModelError, check_no_meta_tensors, load_checked_state, load_tokenizer_file, read_config,
+                   read_json)
 from .jina_embeddings_v4 import base_key  # Qwen-VL key layouts (legacy / transformers >= 4.52) -> 5.x names
 from .qwen2_vl_images import QwenVLImageConfig, QwenVLImageProcessor, flatten_patches, load_vl_config
 from .reranker import RerankDoc, Reranker, RerankerInfo, decode_image
@@ -124,9 +125,7 @@ def load_m0_module(path: str, config: Any, dtype: torch.dtype, device: torch.dev
     # non-persistent rotary buffers, rebuilt off the meta device
     module.model.language_model.rotary_emb = Qwen2VLRotaryEmbedding(config.text_config).to(device)
     module.model.visual.rotary_pos_emb = Qwen2VLVisionRotaryEmbedding(config.vision_config).to(device)
-    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
-    if left:
-        raise ModelError(f"{path}: tensors left uninitialised after loading: {left[:5]}")
+    check_no_meta_tensors(module, path)
     module.score.float()
     return module.eval()
 
