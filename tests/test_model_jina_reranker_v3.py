@@ -201,3 +201,11 @@ def test_wrong_model_type_is_a_model_error(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="expects 'qwen3'"):
         load_reranker("jina-reranker-v3", str(path), device="cpu", dtype="float32")
+
+
+def test_float16_is_refused_unless_forced():
+    from embindex.models import ModelError, load_reranker
+
+    with pytest.raises(ModelError, match="overflows in float16"):
+        load_reranker(None, FIXTURE, dtype="float16")
+    assert load_reranker(None, FIXTURE, dtype="float16", force_dtype=True).info().family == "jina-reranker-v3"

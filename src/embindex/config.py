@@ -235,6 +235,7 @@ class RerankConfig(_Stored, _Section):
     name: str | None = None
     path: str
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    force_dtype: bool = Field(False, description="run float16 on a family that refuses it (Qwen-based: overflow)")
     device: str | None = None
     depth: int = Field(50, gt=0, description="candidates per query reranked (the funnel's top N)")
     options: dict[str, Any] = Field(default_factory=dict, description="family options, e.g. max_length, "

@@ -150,10 +150,12 @@ class JinaRerankerM0(Reranker):
     (3136 / 602112)."""
 
     name = "jina-reranker-m0"
+    fp16_safe = False  # Qwen decoder: float16 activations overflow
     modalities = ("text", "image")
 
-    def __init__(self, path: str, device: str | torch.device | None = None, dtype: str = "auto", **options: Any):
-        super().__init__(path, device, dtype)
+    def __init__(self, path: str, device: str | torch.device | None = None, dtype: str = "auto",
+                 force_dtype: bool = False, **options: Any):
+        super().__init__(path, device, dtype, force_dtype)
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
             raise ModelError(f"{self.name}: unknown options {unknown}; known: {list(OPTIONS)}")

@@ -202,8 +202,9 @@ class JinaRerankerV2(Reranker):
     name = "jina-reranker-v2"
     modalities = ("text",)
 
-    def __init__(self, path: str, device: str | torch.device | None = None, dtype: str = "auto", **options: Any):
-        super().__init__(path, device, dtype)
+    def __init__(self, path: str, device: str | torch.device | None = None, dtype: str = "auto",
+                 force_dtype: bool = False, **options: Any):
+        super().__init__(path, device, dtype, force_dtype)
         unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
         if unknown:
             raise ModelError(f"{self.name}: unknown options {unknown}; known: {sorted(DEFAULT_OPTIONS)}")

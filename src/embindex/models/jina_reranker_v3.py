@@ -149,10 +149,12 @@ class JinaRerankerV3(Reranker):
     """`jina-reranker-v3`: one listwise forward per block of up to 125 documents."""
 
     name = "jina-reranker-v3"
+    fp16_safe = False  # Qwen decoder: float16 activations overflow
     modalities = ("text",)
 
-    def __init__(self, path: str, device: str | torch.device | None = None, dtype: str = "auto", **options: Any):
-        super().__init__(path, device, dtype)
+    def __init__(self, path: str, device: str | torch.device | None = None, dtype: str = "auto",
+                 force_dtype: bool = False, **options: Any):
+        super().__init__(path, device, dtype, force_dtype)
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
             raise ModelError(f"{self.name}: unknown options {unknown}; known: {list(OPTIONS)}")

@@ -90,10 +90,15 @@ class Reranker(ABC):
 
     name: ClassVar[str]
     modalities: ClassVar[tuple[str, ...]] = ("text",)
+    fp16_safe: ClassVar[bool] = True  # False: activations overflow float16's range (Qwen-based decoders)
 
-    def __init__(self, path: str, device: str | torch.device | None = None, dtype: str = "auto"):
+    def __init__(self, path: str, device: str | torch.device | None = None, dtype: str = "auto",
+                 force_dtype: bool = False):
         if not os.path.isdir(path):
             raise ModelError(f"reranker path {path!r} is not a directory")
+        if dtype == "float16" and not self.fp16_safe and not force_dtype:
+            raise ModelError(f"reranker {self.name!r} overflows in float16; use bfloat16 or float32, or set "
+                             "force_dtype: true")
         self.path = path
         self.device = pick_device(device)
         self.dtype = resolve_dtype(dtype, self.device)

@@ -39,7 +39,7 @@ def load_reranker(cfg: RerankConfig) -> Reranker:
     from ..models.registry import load_reranker as load
 
     local = resolve_model_path(cfg.path, cfg.storage_options(), cfg.cache_dir)
-    return load(cfg.name, local, device=cfg.device, dtype=cfg.dtype, **cfg.options)
+    return load(cfg.name, local, device=cfg.device, dtype=cfg.dtype, force_dtype=cfg.force_dtype, **cfg.options)
 
 
 def apply_scores(hits: Sequence[Any], result: RerankScores | RerankInputError, k: int) -> list[Any]:
