@@ -77,6 +77,7 @@ def test_jsonl_gz_with_metadata(ray_cluster, tmp_path, minilm_path):
     hit = reader.search(docs[3]["text"], k=1)[0][0]
     assert hit.meta == {"module": docs[3]["module"], "kind": docs[3]["kind"]}
     assert result.manifest.source["format"] == "jsonl" and result.manifest.source["files"] == 2
+    assert result.manifest.model.dtype == "float32 (cpu)"  # what the actors ran, not the config's "auto"
     # start-up (job start until the first embed batch) is measured and published with the timings
     t = result.manifest.timings
     assert 0 < t["first_batch_s"] < t["read_s"] + t["pipeline_s"] <= t["total_s"]

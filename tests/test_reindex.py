@@ -50,6 +50,7 @@ def test_three_days_of_incremental_reindex(ray_cluster, s3_bucket):
     assert m.fragments["total"] == 4 and m.fragments["embedded"] == 3  # f1, f2 (its reject), f3
     assert m.tombstones["rows"] == 10
     assert [s.path for s in m.shards[:3]] == [s.path for s in first.manifest.shards]  # old shards reused
+    assert m.model.dtype == first.manifest.model.dtype == "float32 (cpu)"
 
     reader = embindex.open_index(uri, storage=opts)
     hits = reader.search([d["text"] for d in edited[:3]], k=5, tier=32)

@@ -143,7 +143,7 @@ class Job:
 
     def publish(self, *, shards: list[ShardEntry], tokens: int, rejects: list[dict],
                 tier_entries: list, quality: dict, counts: Counts, token_index: dict[str, Any] | None,
-                fragments: dict[str, int], **extra: Any) -> BuildResult:
+                fragments: dict[str, int], dtype: str | None = None, **extra: Any) -> BuildResult:
         cfg, info = self.cfg, self.info
         self.timings["total_s"] = round(time.perf_counter() - self.t0, 3)
         manifest = Manifest(
@@ -154,7 +154,7 @@ class Job:
             model=ModelEntry(
                 name=cfg.model.name, path=cfg.model.path, checkpoint_hash=self.checkpoint_hash, task=cfg.model.task,
                 query_task=self.query_task, max_length=info.max_length, pooling=info.pooling,
-                dtype=cfg.model.dtype, prefixes=info.prefixes, modalities=info.modalities,
+                dtype=dtype or cfg.model.dtype, prefixes=info.prefixes, modalities=info.modalities,
             ),
             outputs=outputs_entry(cfg, info, self.window, tokens, token_index),
             dim=info.dim,
@@ -181,6 +181,17 @@ class Job:
                             inflight_seconds=cfg.index.gc_inflight_seconds)
         return BuildResult(cfg.index.uri, manifest.version, manifest_uri, counts.model_dump(), dict(self.timings),
                            manifest)
+
+
+def merge_dtypes(*values: str | None) -> str | None:
+    """'float32 (cpu)' and 'bfloat16 (cuda), float32 (cpu)' -> 'bfloat16 (cuda), float32 (cpu)'."""
+    found = sorted({d.strip() for v in values for d in (v or "").split(",") if d.strip()})
+    return ", ".join(found) or None
+
+
+def used_dtype(parts: list[dict]) -> str | None:
+    """The dtype and device the embed actors ran, from the part records (None: no part says)."""
+    return merge_dtypes(*(r.get("dtype") for r in parts))
 
 
 def token_count(parts: list[dict]) -> int:
@@ -232,13 +243,11 @@ def build(
                        quality=quality, counts=counts, token_index=token_index,
                        fragments={"total": total, "embedded": total - job.committed_before,
                                   "reused": job.committed_before},
-                       trained_rows=n_rows)
+                       trained_rows=n_rows, dtype=used_dtype(parts))
 
 
 def _embed_fragments(job: Job, todo: list[Any], steps: list[tuple[Callable, dict]], rows_in: int) -> None:
     """Run read -> [steps] -> tokenize -> embed -> write+commit over the fragments in `todo`."""
-    import ray.data
-
     if not todo:
         return
     cfg, info = job.cfg, job.info

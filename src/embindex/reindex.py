@@ -31,7 +31,7 @@ from .index.publish import latest_version, read_manifest
 from .index.shards import put_table, read_table
 from .index.tier_builder import build_tiers
 from .logs import Log, stderr_log
-from .pipeline import BuildResult, Job, ReconciliationError, build, shard_entries, token_count
+from .pipeline import BuildResult, Job, ReconciliationError, build, merge_dtypes, shard_entries, token_count, used_dtype
 from .ray_runtime import ray_session
 from .sources.census import fragments_holding, take_census
 from .sources.normalize import mark_duplicates
@@ -125,6 +125,7 @@ def reindex(config: str | os.PathLike | dict[str, Any] | JobConfig, overrides: d
         fragments={"total": n_frag, "embedded": embedded - job.committed_before,
                    "reused": n_frag - embedded + job.committed_before},
         tombstones={"path": tomb_rel, "rows": int(len(dead))},
+        dtype=merge_dtypes(base.model.dtype, used_dtype(parts)),  # base rows keep the dtype they were embedded in
         delta={**delta.summary(), "documents_embedded": len(delta_docs), "rejected_when_embedded": len(late)},
         trained_rows=trained_rows,
     )

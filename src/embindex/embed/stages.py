@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from ..checkpoints import model_spec
 from ..config import ModelConfig, OutputsConfig
-from ..index.shards import CONTENT_COLUMN, CONTENT_IMAGE_COLUMN
+from ..index.shards import CONTENT_COLUMN, CONTENT_IMAGE_COLUMN, DTYPE_COLUMN
 from ..models import load_family
 from ..models.base import ImageProcessor, ModelFamily, Role, TextTokenizer
 from ..models.embedder import Embedder, Rejects, error_line, free_device_memory, is_device_oom, split_on_oom
@@ -201,6 +201,8 @@ class EmbedActor:
         self.mode = self.outputs.mode
         self.task = task
         self.dim = self.embedder.info.dim
+        enc = self.embedder.encoder
+        self.dtype = f"{str(enc.dtype).removeprefix('torch.')} ({enc.device.type})"  # what `auto` resolved to
         self.window = window or self.embedder.info.max_length
         self.window_overlap = window_overlap
         self.busy_s = 0.0
@@ -246,6 +248,7 @@ class EmbedActor:
             out = self._multivector(batch, texts, images, rejected)
         else:
             out = self._single(batch, texts, images, rejected)
+        out = out.append_column(DTYPE_COLUMN, pa.array([self.dtype] * out.num_rows, pa.string()))
         self.busy_s += time.perf_counter() - start
         self.rows += int(texts.size + images.size)
         if self.mode not in ("document", "naive"):  # other modes report once per fragment

@@ -24,6 +24,7 @@ DOC_COLUMNS = ["id", "chunk", "start", "end", "content_hash", "meta", "source", 
 CONTENT_COLUMN = "content"  # the row's text (a chunk row: its span), with index.store_content
 CONTENT_IMAGE_COLUMN = "content_image"  # the encoded image of an image row, with index.store_content
 OPTIONAL_DOC_COLUMNS = ["modality", "token_vectors", CONTENT_COLUMN, CONTENT_IMAGE_COLUMN]
+DTYPE_COLUMN = "embed_dtype"  # the dtype and device the embed actor ran (recorded per part, not stored per row)
 REJECT_COLUMNS = ["id", "reject", "reject_detail", "source", "line"]
 
 SHARD_RECORD_SCHEMA = pa.schema(
@@ -37,6 +38,7 @@ SHARD_RECORD_SCHEMA = pa.schema(
         pa.field("tokens", pa.int64()),  # token vectors in a part (multi-vector outputs)
         pa.field("fragment", pa.string()),  # the input fragment the file holds
         pa.field("documents", pa.int64()),  # distinct document ids in a part (rows may be chunks)
+        pa.field("dtype", pa.string()),  # the embed actor's dtype and device, e.g. "bfloat16 (cuda)"
     ]
 )
 
@@ -94,8 +96,10 @@ def write_fragment(batch: pa.Table, root: str, storage: dict[str, Any], run_id: 
         rel = layout.part_path(run_id, fragment)
         n_docs = count_documents(docs)
         size, sha = put_table(store, rel, docs)
+        dtypes = pc.unique(batch.column(DTYPE_COLUMN)).to_pylist() if DTYPE_COLUMN in batch.column_names else []
         records.append({"kind": "part", "path": rel, "rows": docs.num_rows, "bytes": size, "sha256": sha,
-                        "reasons": None, "tokens": _token_count(docs), "fragment": fragment, "documents": n_docs})
+                        "reasons": None, "tokens": _token_count(docs), "fragment": fragment, "documents": n_docs,
+                        "dtype": ", ".join(sorted(d for d in dtypes if d)) or None})
     if rejects.num_rows:
         rel = layout.rejects_path(run_id, fragment)
         size, sha = put_table(store, rel, rejects)
@@ -103,7 +107,8 @@ def write_fragment(batch: pa.Table, root: str, storage: dict[str, Any], run_id: 
         for r in rejects.column("reject").to_pylist():
             counts[r] = counts.get(r, 0) + 1
         records.append({"kind": "rejects", "path": rel, "rows": rejects.num_rows, "bytes": size, "sha256": sha,
-                        "reasons": json.dumps(counts), "tokens": 0, "fragment": fragment, "documents": 0})
+                        "reasons": json.dumps(counts), "tokens": 0, "fragment": fragment, "documents": 0,
+                        "dtype": None})
     write_commit(store, run_id, fragment, records)
     return pa.Table.from_pylist(records, schema=SHARD_RECORD_SCHEMA)
 
