@@ -156,9 +156,7 @@ class JinaRerankerM0(Reranker):
     def __init__(self, path: str, device: str | torch.device | None = None, dtype: str = "auto",
                  force_dtype: bool = False, **options: Any):
         super().__init__(path, device, dtype, force_dtype)
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ModelError(f"{self.name}: unknown options {unknown}; known: {list(OPTIONS)}")
+        self.check_options(options, OPTIONS)
         raw = read_config(path)
         if raw.get("model_type") != "qwen2_vl":
             raise ModelError(f"{path}: model_type {raw.get('model_type')!r}; {self.name} expects 'qwen2_vl'")

@@ -205,9 +205,7 @@ class JinaRerankerV2(Reranker):
     def __init__(self, path: str, device: str | torch.device | None = None, dtype: str = "auto",
                  force_dtype: bool = False, **options: Any):
         super().__init__(path, device, dtype, force_dtype)
-        unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
-        if unknown:
-            raise ModelError(f"{self.name}: unknown options {unknown}; known: {sorted(DEFAULT_OPTIONS)}")
+        self.check_options(options, DEFAULT_OPTIONS)
         self.options = {**DEFAULT_OPTIONS, **{k: int(v) for k, v in options.items()}}
         self.conf = xlmr_config(read_config(path), f"{path}/config.json")
         # RoBERTa positions start at pad_token_id + 1

@@ -155,9 +155,7 @@ class JinaRerankerV3(Reranker):
     def __init__(self, path: str, device: str | torch.device | None = None, dtype: str = "auto",
                  force_dtype: bool = False, **options: Any):
         super().__init__(path, device, dtype, force_dtype)
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise ModelError(f"{self.name}: unknown options {unknown}; known: {list(OPTIONS)}")
+        self.check_options(options, OPTIONS)
         self.config = read_config(path)
         if self.config.get("model_type") != "qwen3":
             raise ModelError(f"{path}: model_type {self.config.get('model_type')!r}; {self.name} expects 'qwen3'")

@@ -103,6 +103,12 @@ class Reranker(ABC):
         self.device = pick_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
 
+    def check_options(self, options: dict[str, Any], known: Any) -> None:
+        """ModelError for options the family does not take."""
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ModelError(f"{self.name}: unknown options {unknown}; known: {sorted(known)}")
+
     @abstractmethod
     def info(self) -> RerankerInfo: ...
 
