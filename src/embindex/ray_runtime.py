@@ -63,14 +63,12 @@ def actor_resources(res: ResourcesConfig) -> tuple[float, float, int]:
     node is up, so an autoscaler provisions one) or with `auto` on a cluster that has GPUs; none with `cpu`.
     CPUs: `cpus_per_actor` when set; 1 beside a GPU; a CPU actor takes the cores of the largest node but one
     (left for read and write tasks), never the driver machine's core count."""
-    import ray
-
     gpus = res.gpus_per_actor
     if gpus is None:
         if res.accelerator == "gpu":
             gpus = 1.0
         elif res.accelerator == "auto":
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+            gpus = 1.0 if cluster_has_gpus() else 0.0
         else:
             gpus = 0.0
     cpus = res.cpus_per_actor
@@ -78,6 +76,13 @@ def actor_resources(res: ResourcesConfig) -> tuple[float, float, int]:
         cpus = 1.0 if gpus else max(1.0, largest_node_cpus() - 1)
     threads = res.torch_threads or max(1, int(cpus))
     return cpus, gpus, threads
+
+
+def cluster_has_gpus() -> bool:
+    """Whether the Ray cluster this driver is connected to has any GPU."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def largest_node_cpus() -> float:

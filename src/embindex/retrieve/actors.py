@@ -55,9 +55,11 @@ def search_stages(manifest: Any, cfg: RetrieveConfig, tier: int) -> tuple[list[t
 class SearchActor:
     """Encode queries and search them at every stage; emit the final candidates."""
 
-    def __init__(self, cfg_json: str, version: str, content: str, depth: int, torch_threads: int | None = None):
+    def __init__(self, cfg_json: str, version: str, stages: list[tuple[str, int, int | None]], final: str,
+                 content: str, depth: int, torch_threads: int | None = None):
         self._compute = ComputeThread()
         self._compute.run(self._setup, cfg_json, version, content, depth, torch_threads)
+        self.stages, self.final = stages, final  # from `search_stages`, computed once by the driver
 
     def _setup(self, cfg_json: str, version: str, content: str, depth: int, torch_threads: int | None) -> None:
         import torch
@@ -69,8 +71,6 @@ class SearchActor:
         self.cfg = RetrieveConfig.model_validate_json(cfg_json)
         ix = self.cfg.index
         self.reader = open_index(ix.uri, version=version, storage=ix.storage, model_path=ix.model_path)
-        tier = self.cfg.search.tier or self.reader.default_tier
-        self.stages, self.final = search_stages(self.reader.manifest, self.cfg, tier)
         self.content = content
         self.depth = depth
 

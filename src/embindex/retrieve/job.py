@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 from ..config import RetrieveConfig, load_retrieve_config
 from ..index.publish import latest_version, read_manifest
 from ..logs import Log, stderr_log
-from ..ray_runtime import quiet_ray_data, ray_session
+from ..models.reranker import RerankScores
+from ..ray_runtime import cluster_has_gpus, quiet_ray_data, ray_session
 from ..storage import Storage, StorageOptions, fsspec_filesystem, strip_scheme
 from .metrics import DEFAULT_METRICS, evaluated_queries, query_metrics
 from .trec import read_qrels, run_lines
@@ -63,17 +64,18 @@ def final_ranking(row: dict[str, Any], k: int, depth: int) -> list[dict[str, Any
     n = len(row["cand_id"])
     order = list(range(n))
     rerank = row.get("rerank_score")
+    rejects = row.get("rerank_reject") or [None] * n
     if rerank is not None:
         head = min(depth, n)
-        scored = np.array([-np.inf if s is None else s for s in rerank[:head]])
-        order = list(np.argsort(-scored, kind="stable")) + order[head:]
+        scored = RerankScores(np.array([np.nan if s is None else s for s in rerank[:head]]), rejects[:head])
+        order = [int(j) for j in scored.ranking()] + order[head:]
     out = []
     for rank, j in enumerate(order[:k], 1):
         out.append({"query_id": row["query_id"], "rank": rank, "id": row["cand_id"][j],
                     "chunk": row["cand_chunk"][j], "start": row["cand_start"][j], "end": row["cand_end"][j],
                     "retrieval_score": row["cand_score"][j],
                     "rerank_score": rerank[j] if rerank is not None and j < len(rerank) else None,
-                    "reject": (row.get("rerank_reject") or [None] * n)[j] if j < depth else None})
+                    "reject": rejects[j] if j < depth else None})
     return out
 
 
@@ -114,9 +116,9 @@ def _content_mode(cfg: RetrieveConfig, manifest: Any, log: Log) -> str:
     return "index"
 
 
-def _search_plan(cfg: RetrieveConfig, version: str, content: str, depth: int) -> Any:
+def _search_plan(cfg: RetrieveConfig, manifest: Any, stages: list[tuple[str, int, int | None]], final: str,
+                 content: str, depth: int) -> Any:
     """Queries -> search actors (-> content from the source) (-> rerank actors), as a lazy dataset."""
-    import ray
     import ray.data
 
     from .actors import RerankActor, SearchActor
@@ -125,7 +127,8 @@ def _search_plan(cfg: RetrieveConfig, version: str, content: str, depth: int) ->
     res = cfg.resources
     ds = query_dataset(cfg.queries)
     ds = ds.map_batches(SearchActor, batch_size=res.batch_queries, batch_format="pyarrow",
-                        fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "version": version,
+                        fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "version": manifest.version,
+                                               "stages": stages, "final": final,
                                                "content": "index" if content == "index" else "none",
                                                "depth": depth, "torch_threads": res.torch_threads},
                         compute=ray.data.ActorPoolStrategy(size=res.actors), num_cpus=res.cpus_per_actor,
@@ -135,12 +138,11 @@ def _search_plan(cfg: RetrieveConfig, version: str, content: str, depth: int) ->
     if content == "source":
         from .content import join_source_content
 
-        manifest_source = _manifest(cfg, version).config.get("source") or {}
         storage = cfg.source_storage if cfg.source_storage is not None else cfg.index.storage
-        ds = join_source_content(ds, manifest_source, storage, depth)
+        ds = join_source_content(ds, manifest.config.get("source") or {}, storage, depth)
     gpus = res.rerank_gpus_per_actor
     if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        gpus = 1.0 if cluster_has_gpus() else 0.0
     return ds.map_batches(RerankActor, batch_size=res.batch_queries, batch_format="pyarrow",
                           fn_constructor_kwargs={"rerank_json": cfg.rerank.model_dump_json(), "depth": depth,
                                                  "torch_threads": res.torch_threads},
@@ -151,10 +153,6 @@ def _search_plan(cfg: RetrieveConfig, version: str, content: str, depth: int) ->
 def reranker_label(cfg: Any) -> str:
     """The reranker's family name, else its checkpoint folder's name."""
     return cfg.name or cfg.path.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _manifest(cfg: RetrieveConfig, version: str) -> Any:
-    return read_manifest(Storage(cfg.index.uri, StorageOptions.from_dict(cfg.index.storage)), version)
 
 
 def retrieve(config: Any, overrides: dict[str, Any] | None = None, log: Log = stderr_log) -> RetrieveResult:
@@ -181,7 +179,7 @@ def retrieve(config: Any, overrides: dict[str, Any] | None = None, log: Log = st
             fs.open(f"{out}/run.trec", "wt", encoding="utf-8") as trec, \
             pq.ParquetWriter(pf, RESULT_SCHEMA, compression="zstd") as writer:
         quiet_ray_data(progress=True)
-        ds = _search_plan(cfg, version, content, depth)
+        ds = _search_plan(cfg, manifest, stages, final, content, depth)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             rows_out = []
             for row in batch.to_pylist():
