@@ -206,7 +206,7 @@ def classify_failure(e: BaseException) -> Failure:
     if root is not None:
         kind, msg = root
         return Failure(kind in TRANSIENT_ERRORS or kind.endswith("OSError"), f"{kind}: {msg}"[:500])
-    if any(n.startswith(_LOST) for n in names) or isinstance(e, ray.exceptions.ActorDiedError):
-        # a worker or node went away (killed, preempted, out of memory): the next attempt runs elsewhere
-        return Failure(True, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
-    return Failure(False, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+    # no error line: a worker or node went away (killed, preempted, out of memory) and the next attempt runs
+    # elsewhere, or Ray itself failed
+    lost = any(n.startswith(_LOST) for n in names) or isinstance(e, ray.exceptions.ActorDiedError)
+    return Failure(lost, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")

@@ -30,10 +30,10 @@ from ..config import ModelConfig, OutputsConfig
 from ..index.shards import CONTENT_COLUMN, CONTENT_IMAGE_COLUMN, DTYPE_COLUMN
 from ..models import load_family
 from ..models.base import ImageProcessor, ModelFamily, Role, TextTokenizer
-from ..models.embedder import Embedder, Rejects, error_line, free_device_memory, is_device_oom, split_on_oom
+from ..models.embedder import Embedder, Rejects, error_line, free_device_memory, is_device_oom
 from ..models.late_chunking import pool_spans, token_states
 from ..sources.normalize import Reasons
-from ..text.batching import pad_batch, token_budget_batches
+from ..text.batching import pad_batch
 from ..text.chunking import ChunkSpec, chunk_spans, token_spans
 from ..ray_runtime import ComputeThread
 from .faults import Faults, FaultyEncoder
@@ -201,8 +201,7 @@ class EmbedActor:
         self.mode = self.outputs.mode
         self.task = task
         self.dim = self.embedder.info.dim
-        enc = self.embedder.encoder
-        self.dtype = f"{str(enc.dtype).removeprefix('torch.')} ({enc.device.type})"  # what `auto` resolved to
+        self.dtype = f"{self.embedder.dtype_name} ({self.embedder.encoder.device.type})"  # what `auto` became
         self.window = window or self.embedder.info.max_length
         self.window_overlap = window_overlap
         self.busy_s = 0.0
@@ -353,12 +352,10 @@ class EmbedActor:
             for b, r in enumerate(rows):
                 per_doc[r] = pool_spans(states[b], spans[r])
 
-        def too_large(j: int, error: str) -> None:
-            rejects[short[j]] = (Reasons.TOO_LARGE_FOR_DEVICE,
-                                 self.embedder.device_detail(f"{len(ids[short[j]])} tokens", error))
-
-        for idx in token_budget_batches([len(ids[i]) for i in short], self.embedder.batch_tokens):
-            split_on_oom(idx, forward, too_large)
+        local: Rejects = {}
+        self.embedder.run_batches([len(ids[i]) for i in short], forward, local, None,
+                                  lambda j: f"{len(ids[short[j]])} tokens")
+        _add_rejects(rejects, local, np.asarray(short, dtype=np.int64))
 
     def _late_long(self, ids: np.ndarray, spans: list[tuple[int, int]], row: int, rejects: Rejects,
                    max_windows: int = 8) -> np.ndarray | None:

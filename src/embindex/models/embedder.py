@@ -120,9 +120,7 @@ class Embedder:
             if on_batch is not None:
                 on_batch(len(idx))
 
-        too_large = self._too_large(rejects, on_batch, lambda i: f"{len(ids[i])} tokens")
-        for idx in token_budget_batches([len(x) for x in ids], self.batch_tokens):
-            split_on_oom(idx, forward, too_large)
+        self.run_batches([len(x) for x in ids], forward, rejects, on_batch, lambda i: f"{len(ids[i])} tokens")
         if rejects is not None:
             for i in range(len(ids)):
                 self.check_finite(rejects, i, out[i])
@@ -132,11 +130,24 @@ class Embedder:
         return self.embed_ids(self.tokenize(texts, role, task), task)
 
     # -- rows the device cannot take, outputs that are not finite -------------------------------
+    @property
+    def dtype_name(self) -> str:
+        """The encoder's dtype without the torch prefix, e.g. "bfloat16"."""
+        return str(getattr(self.encoder, "dtype", "unknown")).replace("torch.", "")
+
+    def run_batches(self, lengths: Sequence[int], forward: Callable[[np.ndarray], None], rejects: Rejects | None,
+                    on_batch: Callable[[int], None] | None, what: Callable[[int], str]) -> None:
+        """`forward(rows)` over token-budget batches of rows of these lengths, each halved on device OOM; a
+        row that does not fit alone is a `too_large_for_device` reject (described by `what(row)`), or raises
+        when `rejects` is None."""
+        too_large = self._too_large(rejects, on_batch, what)
+        for idx in token_budget_batches(lengths, self.batch_tokens):
+            split_on_oom(idx, forward, too_large)
+
     def device_detail(self, what: str, error: str) -> str:
         """Why a row was not embedded: its size, the model's dtype and device, the device's memory."""
         device = getattr(self.encoder, "device", None)
-        dtype = str(getattr(self.encoder, "dtype", "unknown")).replace("torch.", "")
-        return f"{what} do not fit on {device} ({dtype}{device_memory(device)}) even alone: {error}"
+        return f"{what} do not fit on {device} ({self.dtype_name}{device_memory(device)}) even alone: {error}"
 
     def _too_large(self, rejects: Rejects | None, on_batch: Callable[[int], None] | None,
                    what: Callable[[int], str]) -> Callable[[int, str], None] | None:
@@ -160,9 +171,8 @@ class Embedder:
             return True
         values = np.concatenate([vector.reshape(-1)] + ([] if tokens is None else [tokens.reshape(-1)]))
         n_nan, n_inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
-        dtype = str(getattr(self.encoder, "dtype", "unknown")).replace("torch.", "")
         rejects[row] = (Reasons.NON_FINITE, f"the model output holds {n_nan} NaN and {n_inf} infinite values of "
-                        f"{values.size} ({dtype} on {getattr(self.encoder, 'device', None)})")
+                        f"{values.size} ({self.dtype_name} on {getattr(self.encoder, 'device', None)})")
         vector[:] = 0
         return False
 
@@ -193,9 +203,7 @@ class Embedder:
             if on_batch is not None:
                 on_batch(len(idx))
 
-        too_large = self._too_large(rejects, on_batch, lambda i: f"{len(ids[i])} tokens")
-        for idx in token_budget_batches([len(x) for x in ids], self.batch_tokens):
-            split_on_oom(idx, forward, too_large)
+        self.run_batches([len(x) for x in ids], forward, rejects, on_batch, lambda i: f"{len(ids[i])} tokens")
         if rejects is not None:
             for i in range(len(ids)):
                 if not self.check_finite(rejects, i, single[i], out[i]):
@@ -240,10 +248,8 @@ class Embedder:
             if on_batch is not None:
                 on_batch(len(idx))
 
-        too_large = self._too_large(rejects, on_batch, lambda i: f"image {pixels[i].shape[0]}x{pixels[i].shape[1]} "
-                                    f"({lengths[i]} tokens)")
-        for idx in token_budget_batches(lengths, self.batch_tokens):
-            split_on_oom(idx, forward, too_large)
+        self.run_batches(lengths, forward, rejects, on_batch,
+                         lambda i: f"image {pixels[i].shape[0]}x{pixels[i].shape[1]} ({lengths[i]} tokens)")
         if rejects is not None:
             for i in range(len(pixels)):
                 if not self.check_finite(rejects, i, single[i], None if per_image is None else per_image[i]) \
