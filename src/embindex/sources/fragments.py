@@ -2,7 +2,8 @@
 
 A fragment is a deterministic slice of the corpus: a range of Parquet row groups, one JSONL file (or
 one newline-aligned byte range of a plain JSONL file larger than `fragment_bytes`, see
-`jsonl_ranges.py`), or a group of text and/or image files. Its id hashes the format, the paths, the
+`jsonl_ranges.py`), a group of text, image or HTML files, or one WARC file (a WARC cannot be split
+without scanning it). Its id hashes the format, the paths, the
 range and each file's size and modification tag, so the same corpus gives the same fragments in every
 run. Each fragment flows through the pipeline as one Ray Data block and is written as one part file
 plus one rejects file, named by the fragment id, then committed by a marker written last.
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 from ..storage import with_retries
 from .jsonl_ranges import RangeScan, byte_ranges, read_range_lines, scan_range
 from .normalize import RowRules, parse_image_file, parse_jsonl, parse_jsonl_lines, parse_text_file, to_table
+from .web import parse_html_file, parse_warc
 
 log = logging.getLogger("embindex.sources")
 
@@ -32,7 +34,7 @@ log = logging.getLogger("embindex.sources")
 @dataclass(frozen=True)
 class Fragment:
     id: str
-    format: str  # parquet | jsonl | text | images | mixed
+    format: str  # parquet | jsonl | text | images | mixed | html | warc
     paths: tuple[str, ...]  # filesystem paths (bucket/key on object stores)
     row_groups: tuple[int, ...] = ()  # parquet only
     rows: int | None = None  # rows known at planning time (parquet, text)
@@ -65,7 +67,8 @@ def plan_fragments(fs: pafs.FileSystem, files: list[str], fmt: str, fragment_row
     would pass `fragment_rows` Parquet rows or `fragment_files` files, or `fragment_bytes` of data
     (uncompressed Parquet row groups, file sizes), or `fragment_images` rows where rows hold images
     (Parquet files with `image_column`, image folders): prepared pixels are larger than encoded images.
-    A plain JSONL file larger than `fragment_bytes` becomes several byte-range fragments."""
+    A plain JSONL file larger than `fragment_bytes` becomes several byte-range fragments; a WARC file
+    is always one fragment."""
     infos = fs.get_file_info(files)
     frags: list[Fragment] = []
     if fmt in ("images", "mixed"):
@@ -91,6 +94,8 @@ def plan_fragments(fs: pafs.FileSystem, files: list[str], fmt: str, fragment_row
                 frags.append(Fragment(_fragment_id(fmt, [info], groups), fmt, (info.path,), tuple(groups), rows))
     elif fmt == "jsonl":
         frags = [f for info in infos for f in plan_jsonl_file(fs, info, fragment_bytes)]
+    elif fmt == "warc":
+        frags = [Fragment(_fragment_id(fmt, [info]), fmt, (info.path,)) for info in infos]
     else:
         group: list[pafs.FileInfo] = []
         size = 0
@@ -184,6 +189,12 @@ def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
         return f.read()
 
 
+def _read_warc(fs: pafs.FileSystem, path: str, rules: RowRules) -> list[dict[str, Any]]:
+    """All rows of one WARC file, streamed (a retry after a read error starts the file again)."""
+    with fs.open_input_stream(path, compression=None) as f:
+        return list(parse_warc(f, path, rules))
+
+
 def _image_ref_path(ref: str, fs: pafs.FileSystem, root: str, allowed: str) -> str:
     """A row's image reference as a path on the source filesystem: URIs must live on the source's store,
     relative paths resolve against the corpus root, and the result must lie under `allowed`."""
@@ -240,6 +251,9 @@ def read_fragment(frag: Fragment, fs: pafs.FileSystem, rules: RowRules, root: st
         lines = with_retries(lambda: read_range_lines(fs, path, start, end, frag.first_line),
                              f"read {path} [{start}, {end})")
         rows = list(parse_jsonl_lines(lines, path, rules))
+    elif frag.format == "warc":
+        path = frag.paths[0]
+        rows = with_retries(lambda: _read_warc(fs, path, rules), f"read {path}")
     else:
         for path in frag.paths:
             data = with_retries(lambda: _read_bytes(fs, path), f"read {path}")
@@ -247,7 +261,9 @@ def read_fragment(frag: Fragment, fs: pafs.FileSystem, rules: RowRules, root: st
                 rows.extend(parse_jsonl(data, path, rules))
                 continue
             rel = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
-            if path.lower().endswith(rules.image_extensions):
+            if frag.format == "html":
+                rows.append(parse_html_file(data, path, rel, rules))
+            elif path.lower().endswith(rules.image_extensions):
                 rows.append(parse_image_file(data, path, rel, rules))
             else:
                 rows.append(parse_text_file(data, path, rel, rules))

@@ -50,6 +50,13 @@ class Reasons:
     IMAGE_TOO_LARGE = "image_too_large"
     IMAGE_UNSUPPORTED = "image_unsupported"
     UNSUPPORTED_MODALITY = "unsupported_modality"
+    # web pages (web.py): a charset that is unknown or does not decode the page; WARC response records
+    # that are not a 2xx HTML page; a WARC file cut short or unparsable (one row for the file)
+    INVALID_ENCODING = "invalid_encoding"
+    NOT_HTML = "not_html"
+    HTTP_STATUS = "http_status"
+    WARC_TRUNCATED = "warc_truncated"
+    WARC_UNREADABLE = "warc_unreadable"
     # set by the embed actor: a row that alone does not fit the device, a model output that is not finite
     TOO_LARGE_FOR_DEVICE = "too_large_for_device"
     NON_FINITE = "non_finite"

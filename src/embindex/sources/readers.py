@@ -1,4 +1,5 @@
-"""Corpus readers: Parquet, JSONL (optionally gzipped), folders of text and/or image files, local or object storage,
+"""Corpus readers: Parquet, JSONL (optionally gzipped), folders of text and/or image files, HTML files and
+WARC web archives (`web.py`), local or object storage,
 through Ray Data with pyarrow filesystems. A corpus is planned into fragments (`fragments.py`) and read
 as a dataset of normalized rows (`normalize.NORMALIZED_SCHEMA` + `fragment`), documents and rejects alike."""
 
@@ -20,6 +21,7 @@ from .normalize import RowRules, to_table
 FORMAT_EXTENSIONS = {
     "parquet": (".parquet", ".pq"),
     "jsonl": (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".json", ".json.gz"),
+    "warc": (".warc", ".warc.gz"),
 }
 
 
@@ -70,21 +72,22 @@ def list_files(cfg: SourceConfig) -> list[str]:
 
 def _extensions(fmt: str, cfg: SourceConfig) -> tuple[str, ...]:
     text, images = tuple(cfg.text_extensions), tuple(e.lower() for e in cfg.image_extensions)
-    return FORMAT_EXTENSIONS.get(fmt) or {"text": text, "images": images, "mixed": text + images}[fmt]
+    html = tuple(e.lower() for e in cfg.html_extensions)
+    return FORMAT_EXTENSIONS.get(fmt) or {"text": text, "images": images, "mixed": text + images, "html": html}[fmt]
 
 
 def detect_format(cfg: SourceConfig, files: list[str]) -> str:
-    """parquet | jsonl | text | images, or mixed for a folder of text and image files."""
+    """parquet | jsonl | warc | html | text | images, or mixed for a folder of text and image files."""
     if cfg.format != "auto":
         return cfg.format
     lower = [f.lower() for f in files]
-    for fmt in ("parquet", "jsonl", "text", "images", "mixed"):
+    for fmt in ("parquet", "jsonl", "warc", "html", "text", "images", "mixed"):
         if all(f.endswith(_extensions(fmt, cfg)) for f in lower):
             return fmt
     kinds = sorted({os.path.splitext(f)[1] or "(none)" for f in files})
     raise ValueError(
         f"cannot tell the format of {cfg.uri!r} from its file extensions {kinds}; set source.format "
-        "to parquet, jsonl, text, images or mixed"
+        "to parquet, jsonl, text, images, mixed, html or warc"
     )
 
 
