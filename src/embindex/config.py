@@ -27,7 +27,7 @@ class SourceConfig(_Stored, _Section):
     """Where the corpus is and how its rows map to documents."""
 
     uri: str
-    format: Literal["auto", "parquet", "jsonl", "text", "images", "mixed"] = "auto"
+    format: Literal["auto", "parquet", "jsonl", "text", "images", "mixed", "html", "warc"] = "auto"
     id_column: str = "id"
     text_column: str = "text"
     image_column: str | None = Field(
@@ -43,6 +43,7 @@ class SourceConfig(_Stored, _Section):
     max_image_pixels: int = Field(64_000_000, gt=0, description="larger decoded images are rejected")
     text_extensions: list[str] = [".txt", ".md", ".rst"]
     image_extensions: list[str] = [".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"]
+    html_extensions: list[str] = Field([".html", ".htm"], description="files of an html corpus (one page each)")
     storage: dict[str, Any] = Field(default_factory=dict)
     fragment_rows: int = Field(10_000, gt=0, description="Parquet rows per fragment (unit of work and resume)")
     fragment_files: int = Field(256, gt=0, description="text or image files per fragment")
@@ -193,24 +194,31 @@ class ActorRange(_Section):
         return self
 
 
-class ResourcesConfig(_Section):
-    actors: int | ActorRange = Field(1, description="embed actors: a number, or {min, max} for an autoscaling pool")
+class ActorResources(_Section):
+    """One stage's actor pool: how many actors, and what each asks Ray for."""
+
+    actors: int | ActorRange = Field(1, description="actors: a number, or {min, max} for an autoscaling pool")
     accelerator: Literal["auto", "gpu", "cpu"] = Field(
         "auto", description="gpu: actors ask for GPUs even when none is up yet (the autoscaler provisions them); "
         "cpu: never; auto: GPUs when the cluster has them")
     cpus_per_actor: float | None = Field(None, gt=0)
-    gpus_per_actor: float | None = Field(None, ge=0)
+    gpus_per_actor: float | None = Field(None, ge=0, description="fractions share a GPU between stages' actors")
+    batch_tokens: int = Field(4096, gt=0, description="max padded tokens per forward batch (GPUs: 16k-64k)")
+    torch_threads: int | None = Field(None, gt=0)
 
     @field_validator("actors", mode="before")
     @classmethod
     def _actors(cls, v: Any) -> Any:
         if isinstance(v, int) and not isinstance(v, bool) and v < 1:
-            raise ValueError("resources.actors must be >= 1")
+            raise ValueError("actors must be >= 1")
         return v
-    batch_tokens: int = Field(4096, gt=0, description="max padded tokens per forward batch (GPUs: 16k-64k)")
+
+
+class ResourcesConfig(ActorResources):
+    """The embed stage's actor pool, and the Ray session the job runs in."""
+
     ray_address: str | None = None
     num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray started in-process")
-    torch_threads: int | None = Field(None, gt=0)
 
 
 class RunConfig(_Section):
@@ -219,6 +227,66 @@ class RunConfig(_Section):
     progress: bool = True
     progress_seconds: float = Field(10.0, gt=0, description="interval of the embedded-rows progress line")
     max_attempts: int = Field(3, ge=1, description="passes over uncommitted fragments after a failure")
+
+
+# -- stages: the build as an ordered list (read -> normalize -> [generative stages] -> tokenize -> embed -> write)
+
+BUILTIN_STAGES = ("read", "normalize", "tokenize", "embed", "write")
+GENERATIVE_STAGES = ("html_to_markdown", "caption")
+DEFAULT_STAGES = list(BUILTIN_STAGES)
+
+
+class GeneratorModelConfig(_Stored, _Section):
+    """A generative model's checkpoint (local directory, s3:// or gs:// prefix) and how to run it."""
+
+    name: str | None = Field(None, description="generator family (default: the stage's: readerlm-v2, jina-vlm)")
+    path: str
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    force_dtype: bool = Field(False, description="run float16 on a family that refuses it (Qwen-based: overflow)")
+    storage: dict[str, Any] = Field(default_factory=dict)
+    cache_dir: str | None = None
+
+
+class GenerateStageConfig(_Section):
+    """A generative stage before the embed stage, on its own actor pool: `html_to_markdown` (ReaderLM-v2: the
+    HTML of text rows -> Markdown, or JSON with `options.schema`) or `caption` (jina-vlm: image rows -> a
+    caption, embedded as text). Its output is stored in the shards with the model's fingerprint."""
+
+    stage: Literal["html_to_markdown", "caption"]
+    model: GeneratorModelConfig
+    options: dict[str, Any] = Field(default_factory=dict, description="family options, e.g. ReaderLM-v2's "
+                                    "instruction, schema, clean_svg, clean_base64; jina-vlm's prompt")
+    max_new_tokens: int = Field(1024, gt=0)
+    unfinished: Literal["keep", "reject"] = Field(
+        "keep", description="an output that hit max_new_tokens without a stop token: kept and flagged in the "
+        "status column, or rejected (reason generation_unfinished)")
+    resources: ActorResources = Field(default_factory=lambda: ActorResources(batch_tokens=16384))
+
+
+StageEntry = str | GenerateStageConfig
+
+
+def check_stages(stages: list[StageEntry]) -> None:
+    """The built-in stages once each, in order; generative stages between normalize and tokenize."""
+    names = [s if isinstance(s, str) else s.stage for s in stages]
+    unknown = [n for n in names if n not in BUILTIN_STAGES + GENERATIVE_STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; built in: {list(BUILTIN_STAGES)}, generative: "
+                         f"{list(GENERATIVE_STAGES)} (a mapping with stage:, model:)")
+    bare = [n for n in GENERATIVE_STAGES if n in stages]
+    if bare:
+        raise ValueError(f"stage {bare[0]!r} needs its model: write it as a mapping {{stage: {bare[0]}, model: "
+                         "{path: ...}}")
+    builtin = [n for n in names if n in BUILTIN_STAGES]
+    if builtin != list(BUILTIN_STAGES):
+        raise ValueError(f"stages must hold {' -> '.join(BUILTIN_STAGES)} once each, in that order; got {names}")
+    first, last = names.index("normalize"), names.index("tokenize")
+    for i, s in enumerate(stages):
+        if not isinstance(s, str) and not first < i < last:
+            raise ValueError(f"generative stage {s.stage!r} must come after normalize and before tokenize")
+    outputs = [s.stage for s in stages if not isinstance(s, str)]
+    if len(set(outputs)) != len(outputs):
+        raise ValueError("each generative stage may appear once")
 
 
 class SearchConfig(_Section):
@@ -252,19 +320,41 @@ class JobConfig(_Section):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    stages: list[StageEntry] = Field(default_factory=lambda: list(DEFAULT_STAGES), description=(
+        "the build's stages in order: read, normalize, [html_to_markdown | caption ...], tokenize, embed, write"))
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: list[StageEntry]) -> list[StageEntry]:
+        check_stages(v)
+        return v
+
+    def generative_stages(self) -> list[GenerateStageConfig]:
+        return [s for s in self.stages if isinstance(s, GenerateStageConfig)]
 
 
 def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in nested mappings; a number steps into a list (`stages.2.model.path`)."""
     keys = dotted.split(".")
-    cur = d
-    for k in keys[:-1]:
-        nxt = cur.get(k)
-        if nxt is None:
-            nxt = cur[k] = {}
-        if not isinstance(nxt, dict):
-            raise ValueError(f"cannot set {dotted!r}: {k!r} is not a section")
-        cur = nxt
-    cur[keys[-1]] = value
+    cur: Any = d
+    for depth, k in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(cur, list):
+            if not k.isdigit() or int(k) >= len(cur):
+                raise ValueError(f"cannot set {dotted!r}: {k!r} is not an index of a {len(cur)}-item list")
+            if last:
+                cur[int(k)] = value
+                return
+            cur = cur[int(k)]
+            continue
+        if not isinstance(cur, dict):
+            raise ValueError(f"cannot set {dotted!r}: {keys[depth - 1]!r} is not a section")
+        if last:
+            cur[k] = value
+            return
+        if cur.get(k) is None:
+            cur[k] = {}
+        cur = cur[k]
 
 
 def parse_override(item: str) -> tuple[str, Any]:

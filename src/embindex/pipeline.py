@@ -1,4 +1,5 @@
-"""Assemble and run one build: read -> normalize -> tokenize -> embed -> write shards -> tiers -> publish."""
+"""Assemble and run one build: its stages (read -> normalize -> [generative stages] -> tokenize -> embed ->
+write, `stages/`) over the fragments, then tiers -> publish."""
 
 from __future__ import annotations
 
@@ -16,21 +17,22 @@ from .checkpoints import model_spec
 from .logs import Log, stderr_log
 from .config import JobConfig, load_config
 from .embed.progress import ProgressReporter
-from .embed.stages import EmbedActor, tokenize_batch
 from .index import layout, tiers
 from .index.manifest import Counts, Manifest, ModelEntry, RejectsEntry, ShardEntry
 from .index.commits import published_version, read_commits, read_run_record, unfinished_runs, write_run_record
 from .index.gc import collect_garbage
 from .index.publish import latest_version, list_versions, publish, read_manifest
-from .index.shards import count_documents, read_table, write_fragment
+from .index.shards import count_documents, read_table
 from .index.multivector import build_token_index
 from .index.tier_builder import build_tiers
 from .models import load_family
 from .models.base import checkpoint_hash
 from .sources.census import take_census
-from .sources.normalize import mark_duplicates
-from .ray_runtime import actor_pool, actor_resources, classify_failure, gpu_request, quiet_ray_data, ray_session
+from .ray_runtime import classify_failure, quiet_ray_data, ray_session
 from .sources.readers import open_corpus
+from .stages import actor_stages, apply_stages, generative_stages, plan_stages
+from .stages.normalize import Normalize
+from .stages.read import Read
 from .storage import Storage
 
 @dataclass
@@ -89,7 +91,8 @@ class Job:
         self.checkpoint_hash = checkpoint_hash(self.spec.path)
         self.store = Storage(cfg.index.uri, cfg.index.storage_options())
         self.base = base if kind == "reindex" else latest_version(self.store)
-        self.fingerprint = build_fingerprint(cfg, self.checkpoint_hash)
+        self.generate = generative_stages(cfg)
+        self.fingerprint = build_fingerprint(cfg, self.checkpoint_hash, [g.fingerprint for g in self.generate])
         lc = cfg.outputs.late_chunking
         self.window = (lc.window if lc else None) or self.info.max_length
         self.query_task = getattr(self.family, "query_task_for", lambda t: t)(cfg.model.task)
@@ -104,8 +107,8 @@ class Job:
         self.log(f"[embindex] run {self.run_id}: reading {self.cfg.source.uri}")
         self.corpus = open_corpus(self.cfg.source)
 
-    def embed(self, wanted: Callable[[Any], bool], rows_in: int, steps: list[tuple[Callable, dict]]) -> None:
-        """Embed and commit every fragment for which `wanted(fragment)` and that has no commit marker,
+    def embed(self, wanted: Callable[[Any], bool], rows_in: int, normalize: Normalize) -> None:
+        """Run the stages on every fragment for which `wanted(fragment)` and that has no commit marker,
         retrying uncommitted fragments after a failure (`run.max_attempts`)."""
         import ray
         import ray.data.exceptions
@@ -118,7 +121,7 @@ class Job:
             if attempt == 1:
                 self.committed_before = len([f for f in self.corpus.fragments if f.id in committed and wanted(f)])
             try:
-                _embed_fragments(self, todo, steps, rows_in)
+                _run_stages(self, todo, normalize, rows_in)
                 break
             except (ray.exceptions.RayError, ray.data.exceptions.RayDataUserCodeException, OSError) as e:
                 failure = classify_failure(e)
@@ -137,6 +140,7 @@ class Job:
         if missing:
             raise ReconciliationError(f"{len(missing)} fragment(s) have no commit marker; not published")
         records = [r for f in self.corpus.fragments if wanted(f) for r in committed.get(f.id, [])]
+        self.stage_counts = _stage_counts(records)
         parts = sorted((r for r in records if r["kind"] == "part"), key=lambda r: r["path"])
         rejects = sorted((r for r in records if r["kind"] == "rejects"), key=lambda r: r["path"])
         return parts, rejects
@@ -170,6 +174,7 @@ class Job:
             timings=self.timings,
             fingerprint=self.fingerprint,
             fragments=fragments,
+            stages=self.stage_entries(),
             **extra,
         )
         _scrub_secrets(manifest.config)
@@ -181,6 +186,27 @@ class Job:
                             inflight_seconds=cfg.index.gc_inflight_seconds)
         return BuildResult(cfg.index.uri, manifest.version, manifest_uri, counts.model_dump(), dict(self.timings),
                            manifest)
+
+
+    def stage_entries(self) -> list[Any]:
+        """The stage list for the manifest: built-in stages by name, generative ones with their model,
+        fingerprint and this run's counts."""
+        by_name = {g.name: g for g in self.generate}
+        counts = getattr(self, "stage_counts", {})
+        return [s if isinstance(s, str) else by_name[s.stage].manifest_entry(
+                counts.get(by_name[s.stage].output_column(), {"documents": 0, "tokens": 0}))
+                for s in self.cfg.stages]
+
+
+def _stage_counts(records: list[dict]) -> dict[str, dict[str, int]]:
+    """Generative stages' counts summed over part records: {output column: {documents, tokens, flags...}}."""
+    total: dict[str, dict[str, int]] = {}
+    for r in records:
+        for out, counts in json.loads(r.get("stages") or "{}").items():
+            entry = total.setdefault(out, {})
+            for k, v in counts.items():
+                entry[k] = entry.get(k, 0) + int(v)
+    return total
 
 
 def merge_dtypes(*values: str | None) -> str | None:
@@ -225,8 +251,7 @@ def build(
         def wanted(f: Any) -> bool:
             return per_fragment[f.id] > 0
 
-        steps = [(mark_duplicates, {"duplicate_ids": frozenset(duplicates)})] if duplicates else []
-        job.embed(wanted, rows_in, steps)
+        job.embed(wanted, rows_in, Normalize(frozenset(duplicates)))
         parts, rejects = job.records(wanted)
         n_rows, n_docs, n_rej = reconcile(job.store, parts, rejects, rows_in)
         t = time.perf_counter()
@@ -246,36 +271,20 @@ def build(
                        trained_rows=n_rows, dtype=used_dtype(parts))
 
 
-def _embed_fragments(job: Job, todo: list[Any], steps: list[tuple[Callable, dict]], rows_in: int) -> None:
-    """Run read -> [steps] -> tokenize -> embed -> write+commit over the fragments in `todo`."""
+def _run_stages(job: Job, todo: list[Any], normalize: Normalize, rows_in: int) -> None:
+    """Run the job's stages over the fragments in `todo`; every fragment ends written and committed."""
     if not todo:
         return
-    cfg, info = job.cfg, job.info
-    cpus, gpus, threads = actor_resources(cfg.resources)
-    pool = cfg.resources.actors
-    job.log(f"[embindex] embed actors: {pool if isinstance(pool, int) else f'{pool.min}..{pool.max}'} x "
-            f"({cpus:g} CPU, {gpus:g} GPU, {threads} torch threads; accelerator {cfg.resources.accelerator})")
-    model_json, outputs_json = cfg.model.model_dump_json(), cfg.outputs.model_dump_json()
-    ds = job.corpus.dataset(todo)
-    for fn, kwargs in steps:
-        ds = ds.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
-    ds = ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None,
-                        fn_kwargs={"model_json": model_json, "outputs_json": outputs_json, "role": cfg.model.role,
-                                   "task": cfg.model.task, "max_length": info.max_length,
-                                   "max_image_pixels": cfg.source.max_image_pixels,
-                                   "store_content": cfg.index.store_content})
+    cfg = job.cfg
     reporter = ProgressReporter(rows_in, job.log, every=cfg.run.progress_seconds)
-    ds = ds.map_batches(
-        EmbedActor,
-        fn_constructor_kwargs={"model_json": model_json, "outputs_json": outputs_json, "task": cfg.model.task,
-                               "batch_tokens": cfg.resources.batch_tokens, "torch_threads": threads,
-                               "window": job.window, "window_overlap": window_overlap(cfg, job.window),
-                               "progress": reporter.prefix},
-        compute=actor_pool(cfg.resources),
-        batch_size=None, batch_format="pyarrow", num_cpus=cpus, **gpu_request(gpus),
-    )
-    ds = ds.map_batches(write_fragment, batch_format="pyarrow", batch_size=None,
-                        fn_kwargs={"root": cfg.index.uri, "storage": cfg.index.storage, "run_id": job.run_id})
+    stages = plan_stages(cfg, read=Read(job.corpus, todo), normalize=normalize, generate=job.generate,
+                         max_length=job.info.max_length, window=job.window,
+                         window_overlap=window_overlap(cfg, job.window), run_id=job.run_id,
+                         progress=reporter.prefix)
+    job.log(f"[embindex] stages: {' -> '.join(s.name for s in stages)}")
+    for stage in actor_stages(stages):
+        job.log(f"[embindex] {stage.describe()}")
+    ds = apply_stages(stages)
     written, start = 0, time.perf_counter()
     with reporter:
         for rec in ds.iter_rows():
@@ -308,11 +317,14 @@ def _documents(store: Storage, part: dict[str, Any]) -> int:
     return count_documents(read_table(store, part["path"], columns=["id", "chunk"]))
 
 
-def build_fingerprint(cfg: JobConfig, checkpoint: str) -> str:
-    """What makes two builds' vectors comparable: model, task, role, dtype, length and outputs."""
+def build_fingerprint(cfg: JobConfig, checkpoint: str, stages: list[str] | None = None) -> str:
+    """What makes two builds' vectors comparable: model, task, role, dtype, length and outputs, and the
+    fingerprints of the generative stages that wrote the embedded text."""
     m = cfg.model
     payload = {"model": [m.name, checkpoint, m.task, m.role, m.dtype, m.max_length, m.pooling],
                "outputs": cfg.outputs.model_dump(mode="json")}
+    if stages:
+        payload["stages"] = list(stages)
     return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-from .config import ResourcesConfig
+from .config import ActorResources, ResourcesConfig
 
 
 @contextmanager
@@ -56,13 +56,14 @@ def _exit_on_sigterm() -> Any:
     return signal.signal(signal.SIGTERM, _handler)
 
 
-def actor_resources(res: ResourcesConfig) -> tuple[float, float, int]:
-    """(cpus, gpus, torch threads) per embed actor.
+def actor_resources(res: ActorResources, share: int = 1) -> tuple[float, float, int]:
+    """(cpus, gpus, torch threads) per actor of a stage (the embed stage: `resources`).
 
     GPUs: `gpus_per_actor` when set; else one per actor with `accelerator: gpu` (requested even when no GPU
     node is up, so an autoscaler provisions one) or with `auto` on a cluster that has GPUs; none with `cpu`.
     CPUs: `cpus_per_actor` when set; 1 beside a GPU; a CPU actor takes the cores of the largest node but one
-    (left for read and write tasks), never the driver machine's core count."""
+    (left for read and write tasks), split between the `share` actor stages of the job (a generative stage and
+    the embed stage), never the driver machine's core count."""
     gpus = res.gpus_per_actor
     if gpus is None:
         if res.accelerator == "gpu":
@@ -73,7 +74,7 @@ def actor_resources(res: ResourcesConfig) -> tuple[float, float, int]:
             gpus = 0.0
     cpus = res.cpus_per_actor
     if cpus is None:
-        cpus = 1.0 if gpus else max(1.0, largest_node_cpus() - 1)
+        cpus = 1.0 if gpus else max(1.0, largest_node_cpus() - 1) / max(1, share)
     threads = res.torch_threads or max(1, int(cpus))
     return cpus, gpus, threads
 
@@ -102,7 +103,7 @@ def gpu_request(gpus: float) -> dict[str, Any]:
     return {"ray_remote_args_fn": functools.partial(dict, num_gpus=gpus)}
 
 
-def actor_pool(res: ResourcesConfig) -> Any:
+def actor_pool(res: ActorResources) -> Any:
     """Ray Data's actor pool for `resources.actors`: fixed size, or autoscaling between min and max."""
     import ray.data
 

@@ -18,12 +18,11 @@ import time
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 
 from .config import JobConfig, load_config
 from .incremental.delta_tiers import extend_tiers, extendable
-from .incremental.diff import Delta, compute_delta, keep_delta_rows, live_side, new_side, tombstone_table
+from .incremental.diff import Delta, compute_delta, live_side, new_side, tombstone_table
 from .index import layout
 from .index.manifest import Counts
 from .index.multivector import build_token_index
@@ -34,7 +33,7 @@ from .logs import Log, stderr_log
 from .pipeline import BuildResult, Job, ReconciliationError, build, merge_dtypes, shard_entries, token_count, used_dtype
 from .ray_runtime import ray_session
 from .sources.census import fragments_holding, take_census
-from .sources.normalize import mark_duplicates
+from .stages.normalize import Normalize
 from .storage import Storage
 
 
@@ -72,10 +71,7 @@ def reindex(config: str | os.PathLike | dict[str, Any] | JobConfig, overrides: d
         def wanted(f: Any) -> bool:
             return f.id in redo
 
-        steps = [(keep_delta_rows, {"embed_ids": pa.array(sorted(delta.to_embed), pa.string())})]
-        if census.duplicates:
-            steps.insert(0, (mark_duplicates, {"duplicate_ids": frozenset(census.duplicates)}))
-        job.embed(wanted, rows_in, steps)
+        job.embed(wanted, rows_in, Normalize(frozenset(census.duplicates), embed_ids=delta.to_embed))
         parts, rejects = job.records(wanted)
 
         dead = delta.dead

@@ -39,8 +39,46 @@ SHARD_RECORD_SCHEMA = pa.schema(
         pa.field("fragment", pa.string()),  # the input fragment the file holds
         pa.field("documents", pa.int64()),  # distinct document ids in a part (rows may be chunks)
         pa.field("dtype", pa.string()),  # the embed actor's dtype and device, e.g. "bfloat16 (cuda)"
+        pa.field("stages", pa.string()),  # JSON {output column: counts} of the generative stages (parts)
     ]
 )
+
+STATUS_OK = "ok"
+
+
+def generated_columns(output: str) -> list[str]:
+    """The columns a generative stage stores for its output column `output` (e.g. `markdown`, `caption`):
+    the text, its status (`ok`, or flags such as `unfinished`, `truncated_input`), the generating model's
+    fingerprint and the number of generated tokens. Kept on a document's first row only (chunk rows repeat
+    the document)."""
+    return [output, f"{output}_status", f"{output}_model", f"{output}_tokens"]
+
+
+def _generated_counts(docs: pa.Table, outputs: list[str]) -> dict[str, dict[str, int]]:
+    """Per output column: documents generated in this part, flagged ones by flag, generated tokens."""
+    counts: dict[str, dict[str, int]] = {}
+    for out in outputs:
+        status = docs.column(f"{out}_status").drop_null().to_pylist()
+        entry = {"documents": len(status), "tokens": int(pc.sum(docs.column(f"{out}_tokens")).as_py() or 0)}
+        for value in status:
+            for flag in value.split(","):
+                if flag != STATUS_OK:
+                    entry[flag] = entry.get(flag, 0) + 1
+        counts[out] = entry
+    return counts
+
+
+def _first_rows_only(docs: pa.Table, outputs: list[str]) -> pa.Table:
+    """Null the generated columns on every chunk row but a document's first."""
+    later = pc.fill_null(pc.greater(docs.column("chunk"), 0), False)
+    if not pc.any(later).as_py():
+        return docs
+    for out in outputs:
+        for name in generated_columns(out):
+            col = docs.column(name)
+            docs = docs.set_column(docs.schema.get_field_index(name), name,
+                                   pc.if_else(later, pa.scalar(None, col.type), col))
+    return docs
 
 
 ROW_GROUP_BYTES = 1 << 20  # uncompressed bytes per row group
@@ -72,10 +110,12 @@ def _token_count(docs: pa.Table) -> int:
     return int(pc.sum(pc.list_value_length(docs.column("token_vectors"))).as_py() or 0)
 
 
-def write_fragment(batch: pa.Table, root: str, storage: dict[str, Any], run_id: str) -> pa.Table:
+def write_fragment(batch: pa.Table, root: str, storage: dict[str, Any], run_id: str,
+                   stage_columns: list[str] | None = None) -> pa.Table:
     """Ray Data step (one fragment per batch): write its part and rejects files under names derived from
     the fragment id, then its commit marker; return the shard records. A retried task rewrites the same
-    names with the same content, so a fragment is never indexed twice."""
+    names with the same content, so a fragment is never indexed twice. `stage_columns`: the output columns
+    of the generative stages, stored with their `generated_columns` and counted in the part's record."""
     import json
 
     from .commits import write_commit
@@ -88,8 +128,10 @@ def write_fragment(batch: pa.Table, root: str, storage: dict[str, Any], run_id: 
     fragment = fragments.pop()
     store = Storage(root, StorageOptions.from_dict(storage))
     is_reject = pc.is_valid(batch.column("reject"))
-    columns = DOC_COLUMNS + [c for c in OPTIONAL_DOC_COLUMNS if c in batch.column_names]
-    docs = batch.filter(pc.invert(is_reject)).select(columns)
+    outputs = list(stage_columns or [])
+    generated = [c for out in outputs for c in generated_columns(out)]
+    columns = DOC_COLUMNS + [c for c in OPTIONAL_DOC_COLUMNS if c in batch.column_names] + generated
+    docs = _first_rows_only(batch.filter(pc.invert(is_reject)).select(columns), outputs)
     rejects = batch.filter(is_reject).select(REJECT_COLUMNS)
     records: list[dict[str, Any]] = []
     if docs.num_rows:
@@ -99,7 +141,8 @@ def write_fragment(batch: pa.Table, root: str, storage: dict[str, Any], run_id: 
         dtypes = pc.unique(batch.column(DTYPE_COLUMN)).to_pylist() if DTYPE_COLUMN in batch.column_names else []
         records.append({"kind": "part", "path": rel, "rows": docs.num_rows, "bytes": size, "sha256": sha,
                         "reasons": None, "tokens": _token_count(docs), "fragment": fragment, "documents": n_docs,
-                        "dtype": ", ".join(sorted(d for d in dtypes if d)) or None})
+                        "dtype": ", ".join(sorted(d for d in dtypes if d)) or None,
+                        "stages": json.dumps(_generated_counts(docs, outputs)) if outputs else None})
     if rejects.num_rows:
         rel = layout.rejects_path(run_id, fragment)
         size, sha = put_table(store, rel, rejects)
@@ -108,7 +151,7 @@ def write_fragment(batch: pa.Table, root: str, storage: dict[str, Any], run_id: 
             counts[r] = counts.get(r, 0) + 1
         records.append({"kind": "rejects", "path": rel, "rows": rejects.num_rows, "bytes": size, "sha256": sha,
                         "reasons": json.dumps(counts), "tokens": 0, "fragment": fragment, "documents": 0,
-                        "dtype": None})
+                        "dtype": None, "stages": None})
     write_commit(store, run_id, fragment, records)
     return pa.Table.from_pylist(records, schema=SHARD_RECORD_SCHEMA)
 

@@ -71,3 +71,22 @@ def load_reranker(name: str | None, path: str, device: str | None = None, dtype:
     module, cls = target.split(":")
     return getattr(importlib.import_module(f"embindex.models.{module}"), cls)(path, device=device, dtype=dtype,
                                                                               **options)
+
+
+# generator name -> "module:Class" under embindex.models (the preprocessing stages' models)
+GENERATORS: dict[str, str] = {
+    "readerlm-v2": "readerlm_v2:ReaderLMV2",
+    "jina-vlm": "jina_vlm:JinaVLM",
+}
+
+
+def load_generator(name: str, path: str, device: str | None = None, dtype: str = "auto", force_dtype: bool = False,
+                   **options):
+    """The generator family `name` loaded from the local directory `path`."""
+    try:
+        target = GENERATORS[name]
+    except KeyError:
+        raise ModelError(f"unknown generator {name!r}; registered: {sorted(GENERATORS)}") from None
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(f"embindex.models.{module}"), cls)(
+        path, device=device, dtype=dtype, force_dtype=force_dtype, **options)

@@ -1,0 +1,114 @@
+"""The generator interface: a document (HTML text, an image) -> generated text, for the preprocessing
+stages that run before embedding (HTML -> Markdown with ReaderLM-v2, image captions with jina-vlm).
+
+Pure torch/transformers like the encoder and reranker families: nothing here knows about Ray, storage or the
+index. A family implements `_generate` for valid, prepared inputs; `generate` handles what is common to every
+family: inputs it cannot take become per-input rejects (a `Generation` with `reject` set), never an exception
+that loses the other inputs of the batch.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from .base import ModelError, checkpoint_hash, pick_device, resolve_dtype
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    """One document for a generator: text (e.g. HTML) or an image (PIL image, encoded bytes or a local path)."""
+
+    text: str | None = None
+    image: Any = None
+
+
+@dataclass
+class Generation:
+    """What a generator made of one input.
+
+    `reject` set: nothing was generated and the reason says why (e.g. `empty_after_cleaning`,
+    `image_decode_error: ...`). Otherwise `text` is the decoded output (special tokens skipped), `ids` the
+    generated ids (the stop id included when one was emitted), `finished` False when generation hit
+    `max_new_tokens` before a stop id, and `truncated` True when the input was cut to fit the context.
+    """
+
+    text: str | None = None
+    ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    prompt_tokens: int = 0
+    truncated: bool = False
+    reject: str | None = None
+
+
+@dataclass
+class GeneratorInfo:
+    family: str
+    checkpoint: str  # sha256 of config, tokenizer and weights
+    context_length: int  # prompt + generated tokens the model takes
+    modalities: list[str]  # inputs it takes: "text" (HTML), "image"
+    output: str  # what it writes: "markdown", "json", "caption"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Generator(ABC):
+    """A registered generator family loaded from a local checkpoint directory.
+
+    `options` are the family's settings (e.g. ReaderLM-v2's `instruction`, `schema`, `clean_svg`; jina-vlm's
+    `prompt`); an unknown option is a ModelError at load time."""
+
+    name: ClassVar[str]
+    modalities: ClassVar[tuple[str, ...]] = ("text",)
+    fp16_safe: ClassVar[bool] = True  # False: activations overflow float16's range (Qwen-based decoders)
+    options: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, path: str, device: str | torch.device | None = None, dtype: str = "auto",
+                 force_dtype: bool = False, **options: Any):
+        if not os.path.isdir(path):
+            raise ModelError(f"generator path {path!r} is not a directory")
+        if dtype == "float16" and not self.fp16_safe and not force_dtype:
+            raise ModelError(f"generator {self.name!r} overflows in float16; use bfloat16 or float32, or set "
+                             "force_dtype: true")
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ModelError(f"{self.name}: unknown options {unknown}; known: {sorted(self.options)}")
+        self.path = path
+        self.device = pick_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+
+    @abstractmethod
+    def info(self) -> GeneratorInfo: ...
+
+    def _checkpoint_hash(self) -> str:
+        return checkpoint_hash(self.path)
+
+    @abstractmethod
+    def generate(self, inputs: Sequence[GenerationInput], max_new_tokens: int,
+                 batch_tokens: int | None = None) -> list[Generation]:
+        """One Generation per input, in input order. Inputs are grouped into length-bucketed batches whose
+        padded prompt + `max_new_tokens` tokens stay within `batch_tokens` (None: one input per batch);
+        an input the family cannot take becomes a Generation with `reject` set."""
+
+
+def length_batches(lengths: Sequence[int], max_new_tokens: int, batch_tokens: int | None) -> list[list[int]]:
+    """Input positions grouped into batches of similar prompt length: sorted by length, a batch closes before
+    its padded size `rows * (longest prompt + max_new_tokens)` would pass `batch_tokens` (a longer input gets a
+    batch of its own). None: one input per batch."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    if batch_tokens is None:
+        return [[i] for i in order]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = max([lengths[j] for j in current] + [lengths[i]])
+        if current and (len(current) + 1) * (longest + max_new_tokens) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
