@@ -51,10 +51,23 @@ class BuildResult:
             f"published {self.version} at {self.index_uri}\n"
             f"  rows in {c['rows_in']}: indexed {c['documents']}, rejected {c['rejected']}; "
             f"chunks {c['chunks']}, vectors {c['vectors']}\n"
+            + "".join(f"  {line}\n" for line in stage_lines(getattr(self.manifest, "stages", None) or [])) +
             f"  wall time {t['total_s']:.1f}s (embed+write {t['pipeline_s']:.1f}s, "
             f"tiers {t['tiers_s']:.1f}s{first})\n"
             f"  manifest {self.manifest_uri}"
         )
+
+
+def stage_lines(stages: list[Any]) -> list[str]:
+    """One line per generative stage: what this run generated."""
+    lines = []
+    for s in stages:
+        if isinstance(s, dict):
+            c = dict(s.get("counts") or {})
+            docs, tokens = c.pop("documents", 0), c.pop("tokens", 0)
+            flags = "".join(f", {n} {flag}" for flag, n in sorted(c.items()))
+            lines.append(f"{s['stage']} ({s['family']}): generated {docs} document(s), {tokens} tokens{flags}")
+    return lines
 
 
 class BuildError(RuntimeError):
@@ -400,10 +413,12 @@ def outputs_entry(cfg: JobConfig, info: Any, window: int, tokens: int,
     return entry
 
 
-def _scrub_secrets(config: dict[str, Any]) -> None:
-    """Credentials never reach the manifest."""
-    for section in config.values():
-        if isinstance(section, dict) and isinstance(section.get("storage"), dict):
-            for key in ("key", "secret", "token"):
-                if section["storage"].get(key):
-                    section["storage"][key] = "***"
+def _scrub_secrets(config: Any) -> None:
+    """Credentials never reach the manifest: every `storage` mapping, at any depth (a stage's model too)."""
+    items = config.values() if isinstance(config, dict) else config if isinstance(config, list) else []
+    if isinstance(config, dict) and isinstance(config.get("storage"), dict):
+        for key in ("key", "secret", "token"):
+            if config["storage"].get(key):
+                config["storage"][key] = "***"
+    for value in items:
+        _scrub_secrets(value)
