@@ -129,3 +129,56 @@ def test_warc_on_s3_through_readerlm_then_reindex_one_changed_page(ray_cluster, 
     changed = readerlm.generate([GenerationInput(text=pages["forum_thread.html"].decode())], MAX_NEW)[0]
     restored = _stored(manifest2, index, opts, "markdown")
     assert restored[_url("forum_thread.html")]["markdown"] == changed.text
+
+
+VLM = FIXTURES / "jina-vlm-tiny"
+CAPTION_PROMPT = "Write one sentence of alt text for this image."
+
+
+def _png(width: int, height: int, seed: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_image_folder_through_jina_vlm_captions_into_a_text_index(ray_cluster, minilm_path, tmp_path):
+    import embindex
+    from embindex.models.jina_vlm import JinaVLM
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    images = {"photo.png": (VLM / "photo_80x60.png").read_bytes(), "banner.png": (VLM / "banner_90x150.png")
+              .read_bytes(), "noise.png": _png(120, 90, 0), "thin.png": _png(600, 2, 1)}
+    for name, data in images.items():
+        (folder / name).write_bytes(data)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
+    index = tmp_path / "index"
+    result = embindex.build(ROOT / "configs" / "images-captioned.yaml", overrides={
+        "source.uri": str(folder), "index.uri": str(index), "index.tiers": [64, "full"],
+        "index.quality_sample": 10, "stages.2.model.path": str(VLM), "stages.2.max_new_tokens": 24,
+        "stages.2.resources.gpus_per_actor": None, "model.name": "hf-encoder",
+        "model.path": "builtin:all-MiniLM-L6-v2", "model.task": None, "model.max_length": 128,
+        "resources.gpus_per_actor": None, "run.progress": False}, log=None)
+    assert result.counts["rows_in"] == 5 and result.counts["documents"] == 3 and result.counts["rejected"] == 2
+    reasons = {k for r in result.manifest.rejects for k in r.reasons}
+    assert reasons == {"image_decode_error", "image_not_supported"}  # both from the caption stage
+    caption = result.manifest.stages[2]
+    assert caption["stage"] == "caption" and caption["counts"]["documents"] == 3
+
+    # the stored caption is jina-vlm's for that image, next to the image; the caption is what was embedded
+    vlm = JinaVLM(str(VLM), device="cpu", prompt=CAPTION_PROMPT)
+    stored = _stored(result.manifest.model_dump(), str(index), {}, "caption")
+    assert set(stored) == {"photo.png", "banner.png", "noise.png"}
+    for name, gen in zip(stored, vlm.generate([GenerationInput(image=images[n]) for n in stored], 24)):
+        row = stored[name]
+        assert row["caption"] == gen.text and row["caption_tokens"] == len(gen.ids)
+        assert row["content_image"] == images[name] and row["content"] == gen.text
+        assert row["modality"] == "text" and row["caption_model"] == caption["fingerprint"]
+
+    # a text query finds the image by its caption
+    reader = embindex.open_index(str(index), model_path=minilm_path)
+    assert reader.search([stored["banner.png"]["caption"]], k=1)[0][0].id == "banner.png"
