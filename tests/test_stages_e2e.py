@@ -182,3 +182,35 @@ def test_image_folder_through_jina_vlm_captions_into_a_text_index(ray_cluster, m
     # a text query finds the image by its caption
     reader = embindex.open_index(str(index), model_path=minilm_path)
     assert reader.search([stored["banner.png"]["caption"]], k=1)[0][0].id == "banner.png"
+
+
+def test_generative_and_embed_pools_share_one_gpu_with_fractions(tmp_path):
+    """On a node with one GPU, a ReaderLM pool (0.75 GPU) and the embed pool (0.25) run at once: their own
+    actor pools, scheduled side by side. Run in a fresh Ray (one logical GPU) in a subprocess; without CUDA
+    the actors compute on the CPU."""
+    import subprocess
+    import sys
+
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    for p in PAGES:
+        (pages / p).write_bytes((READERLM / p).read_bytes())
+    cfg = {"source": {"uri": str(pages), "format": "html"},
+           "stages": ["read", "normalize", {"stage": "html_to_markdown", "model": {"path": str(READERLM)},
+                                            "max_new_tokens": 8,
+                                            "resources": {"gpus_per_actor": 0.75, "cpus_per_actor": 1}},
+                      "tokenize", "embed", "write"],
+           "model": {"name": "hf-encoder", "path": "builtin:all-MiniLM-L6-v2", "max_length": 128},
+           "index": {"uri": str(tmp_path / "index"), "tiers": ["full"], "quality_sample": 5},
+           "resources": {"gpus_per_actor": 0.25, "cpus_per_actor": 1}, "run": {"progress": False}}
+    script = ("import json, sys, ray, embindex\n"
+              "ray.init(num_cpus=3, num_gpus=1, include_dashboard=False, log_to_driver=False)\n"
+              "r = embindex.build(json.loads(sys.argv[1]))\n"
+              "print(r.summary())\n")
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(cfg)], capture_output=True, text=True,
+                         timeout=240, env={**__import__("os").environ, "RAY_ADDRESS": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "html_to_markdown actors: 1 x (1 CPU, 0.75 GPU" in out.stderr
+    assert "embed actors: 1 x (1 CPU, 0.25 GPU" in out.stderr
+    assert "rows in 5: indexed 5, rejected 0" in out.stdout
+    assert "html_to_markdown (readerlm-v2): generated 5 document(s)" in out.stdout
