@@ -271,9 +271,9 @@ def test_batch_generation_matches_reference(vlm, inputs):
     id), and `generate` with a budget that puts them in one batch."""
     batch = collate([inputs[name][1] for name in BATCH["cases"]])
     rows = vlm.greedy(batch, MAX_NEW_TOKENS)
-    for got, want in zip(rows, BATCH["generated_ids"]):
+    for (got, stopped), want in zip(rows, BATCH["generated_ids"]):
         stop = want.index(1000) + 1 if 1000 in want else len(want)
-        assert got == want[:stop]
+        assert got == want[:stop] and stopped == (1000 in want)
     out = vlm.generate([_input(CASES[name]) for name in BATCH["cases"]], MAX_NEW_TOKENS, batch_tokens=10_000)
     assert [g.ids for g in out] == [CASES[name]["generated_ids"] for name in BATCH["cases"]]
 

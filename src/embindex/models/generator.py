@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -112,3 +112,32 @@ def length_batches(lengths: Sequence[int], max_new_tokens: int, batch_tokens: in
     if current:
         batches.append(current)
     return batches
+
+
+def greedy_decode(logits: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor], stop_ids: Sequence[int],
+                  pad_id: int, max_new_tokens: int, adjust: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  chosen: Callable[[torch.Tensor], None] | None = None) -> list[tuple[list[int], bool]]:
+    """Greedy decoding of a batch from its prefill logits `[B, vocab]`: `step(next_ids [B])` runs one cached
+    forward and returns the next logits. `adjust(logits)` turns logits into scores before the argmax (e.g. a
+    repetition penalty) and `chosen(ids)` sees each step's ids. A row that emitted a stop id continues with
+    `pad_id` until every row has stopped or `max_new_tokens` ids were chosen. Returns per row (new ids up to
+    and including its first stop id, whether it stopped)."""
+    stop = torch.as_tensor(list(stop_ids), device=logits.device)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    steps: list[torch.Tensor] = []
+    for k in range(max_new_tokens):
+        scores = adjust(logits) if adjust is not None else logits
+        nxt = torch.where(done, torch.full_like(done, pad_id, dtype=torch.long), scores.argmax(-1))
+        steps.append(nxt)
+        if chosen is not None:
+            chosen(nxt)
+        done = done | torch.isin(nxt, stop)
+        if bool(done.all()) or k == max_new_tokens - 1:
+            break
+        logits = step(nxt)
+    rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(logits.shape[0])]
+    out = []
+    for row in rows:
+        cut = next((j + 1 for j, t in enumerate(row) if t in stop_ids), None)
+        out.append((row[:cut] if cut else row, cut is not None))
+    return out

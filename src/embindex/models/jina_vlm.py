@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import ModelError, check_no_meta_tensors, load_checked_state, load_tokenizer_file, read_config, read_json
-from .generator import Generation, GenerationInput, Generator, GeneratorInfo, length_batches
+from .generator import Generation, GenerationInput, Generator, GeneratorInfo, greedy_decode, length_batches
 from .jina_vlm_processor import (IMAGE_PROMPT, IMAGE_TOKENS, ImageLayout, JinaVLMImageConfig, JinaVLMImageProcessor,
                                  PromptBatch, PromptInput, build_prompt, chat_prompt, collate,
                                  image_token_count, prompt_token_ids)
@@ -582,30 +582,20 @@ class JinaVLM(Generator):
         return last, self.lm_head(last).float(), out.past_key_values
 
     @torch.inference_mode()
-    def greedy(self, batch: PromptBatch, max_new_tokens: int) -> list[list[int]]:
-        """Greedy ids per row, each up to and including its first stop id (at most `max_new_tokens`)."""
+    def greedy(self, batch: PromptBatch, max_new_tokens: int) -> list[tuple[list[int], bool]]:
+        """(greedy ids up to and including the first stop id, stopped) per row (at most `max_new_tokens`)."""
         _, logits, cache = self.prefill(batch)
-        mask = torch.as_tensor(batch.attention_mask, device=self.device)
-        stop = torch.as_tensor(self.eos_ids, device=self.device)
-        done = torch.zeros(mask.shape[0], dtype=torch.bool, device=self.device)
-        steps: list[torch.Tensor] = []
-        for step in range(max_new_tokens):
-            nxt = torch.where(done, torch.full_like(done, self.pad_id, dtype=torch.long), logits.argmax(-1))
-            steps.append(nxt)
-            done = done | torch.isin(nxt, stop)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        state = {"mask": torch.as_tensor(batch.attention_mask, device=self.device), "cache": cache}
+
+        def step(nxt: torch.Tensor) -> torch.Tensor:
+            mask = state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
             out = self.decoder(inputs_embeds=self.decoder.embed_tokens(nxt[:, None]), attention_mask=mask,
-                               position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits = self.lm_head(out.last_hidden_state[:, -1]).float()
-        table = torch.stack(steps, 1).tolist()
-        result = []
-        for row in table:
-            hit = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
-            result.append(row if hit is None else row[: hit + 1])
-        return result
+                               position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=state["cache"],
+                               use_cache=True)
+            state["cache"] = out.past_key_values
+            return self.lm_head(out.last_hidden_state[:, -1]).float()
+
+        return greedy_decode(logits, step, self.eos_ids, self.pad_id, max_new_tokens)
 
     # -- the Generator interface ----------------------------------------------------------------------------
 
@@ -629,8 +619,7 @@ class JinaVLM(Generator):
         for group in length_batches([ready[k].length for k in keys], max_new_tokens, batch_tokens):
             rows = [keys[g] for g in group]
             batch = collate([self.prompt_input(ready[i]) for i in rows])
-            for i, ids in zip(rows, self.greedy(batch, max_new_tokens)):
-                finished = bool(ids) and ids[-1] in self.eos_ids
+            for i, (ids, finished) in zip(rows, self.greedy(batch, max_new_tokens)):
                 out[i] = Generation(text=self.tok.decode(ids, skip_special_tokens=True), ids=ids, finished=finished,
                                     prompt_tokens=ready[i].length)
         return cast(list[Generation], out)  # every position is set above

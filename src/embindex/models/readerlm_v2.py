@@ -46,7 +46,7 @@ import torch
 
 from .base import (ModelError, check_no_meta_tensors, load_checked_state, load_tokenizer_file, read_config,
                    read_json)
-from .generator import Generation, GenerationInput, Generator, GeneratorInfo, length_batches
+from .generator import Generation, GenerationInput, Generator, GeneratorInfo, greedy_decode, length_batches
 
 DEFAULT_INSTRUCTION = "Extract the main content from the given HTML and convert it to Markdown format."
 JSON_INSTRUCTION = ("Extract the specified information from a list of news threads and present it in a structured "
@@ -234,34 +234,27 @@ class ReaderLMV2(Generator):
         vocab = int(self.config["vocab_size"])
         counts = torch.zeros((n, vocab), dtype=torch.long, device=dev)
         seen = counts.scatter_add_(1, input_ids, mask) > 0  # ids in each row's real tokens (padding adds 0)
-        stop = torch.tensor(self.stop_ids, device=dev)
-        done = torch.zeros(n, dtype=torch.bool, device=dev)
-        out: list[torch.Tensor] = []
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        cache = None
-        step_ids = input_ids
-        for _ in range(max_new_tokens):
-            res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True, logits_to_keep=1)
-            cache = res.past_key_values
-            logits = res.logits[:, -1].float()
+        state = {"mask": mask, "positions": (mask.cumsum(1) - 1).clamp(min=0), "cache": None}
+
+        def forward(ids: torch.Tensor) -> torch.Tensor:
+            res = self.model(input_ids=ids, attention_mask=state["mask"], position_ids=state["positions"],
+                             past_key_values=state["cache"], use_cache=True, logits_to_keep=1)
+            state["cache"] = res.past_key_values
+            return res.logits[:, -1].float()
+
+        def step(nxt: torch.Tensor) -> torch.Tensor:
+            state["mask"] = torch.cat([state["mask"], torch.ones((n, 1), dtype=mask.dtype, device=dev)], 1)
+            state["positions"] = state["positions"][:, -1:] + 1
+            return forward(nxt[:, None])
+
+        def penalty(logits: torch.Tensor) -> torch.Tensor:
             penalized = torch.where(logits > 0, logits / self.repetition_penalty, logits * self.repetition_penalty)
-            nxt = torch.where(seen, penalized, logits).argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-            out.append(nxt)
+            return torch.where(seen, penalized, logits)
+
+        def chosen(nxt: torch.Tensor) -> None:
             seen[torch.arange(n, device=dev), nxt] = True
-            done |= torch.isin(nxt, stop)
-            if bool(done.all()):
-                break
-            step_ids = nxt[:, None]
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=dev)], 1)
-            positions = positions[:, -1:] + 1
-        new = torch.stack(out, 1).cpu().tolist() if out else [[] for _ in range(n)]
-        results = []
-        for row in new:
-            cut = next((j + 1 for j, t in enumerate(row) if t in self.stop_ids), None)
-            results.append((row[:cut] if cut else row, cut is not None))
-        return results
+
+        return greedy_decode(forward(input_ids), step, self.stop_ids, self.pad_id, max_new_tokens, penalty, chosen)
 
     def generate(self, inputs: Sequence[GenerationInput], max_new_tokens: int,
                  batch_tokens: int | None = None) -> list[Generation]:
