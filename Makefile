@@ -19,10 +19,10 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 install: $(VENV)/bin/python
-	$(PIP) install $(PIP_FLAGS) -e .
+	$(PIP) install $(PIP_FLAGS) -e ".[cpu]"
 
 install-test: $(VENV)/bin/python
-	$(PIP) install $(PIP_FLAGS) -e ".[test]"
+	$(PIP) install $(PIP_FLAGS) -e ".[cpu,test]"
 
 demo: install
 	$(VENV)/bin/embindex build configs/quickstart.yaml

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from typing import Sequence
 
-import faiss
+from ..index.faiss_lib import faiss
 import numpy as np
 
 from ..index import layout, tiers

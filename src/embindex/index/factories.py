@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-import faiss
+from .faiss_lib import faiss
 
 FLAT_MAX_ROWS = 200_000
 HNSW_MAX_ROWS = 1_000_000

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import faiss
+from .faiss_lib import faiss
 import numpy as np
 
 from ..storage import Storage, StorageOptions

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterable, Sequence
 
-import faiss
+from .faiss_lib import faiss
 import numpy as np
 
 from .factories import ivf_of

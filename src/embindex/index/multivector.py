@@ -29,7 +29,7 @@ import struct
 import tempfile
 from typing import Any, BinaryIO, Iterator, Sequence
 
-import faiss
+from .faiss_lib import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq

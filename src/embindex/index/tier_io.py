@@ -23,7 +23,7 @@ import sys
 import tempfile
 from typing import Any, Iterator, Sequence
 
-import faiss
+from .faiss_lib import faiss
 
 from ..storage import Storage, is_remote, with_retries
 from . import layout

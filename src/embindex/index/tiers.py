@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import faiss
+from .faiss_lib import faiss
 import numpy as np
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-import faiss
+from .faiss_lib import faiss
 import numpy as np
 
 from .factories import ivf_of, make_index

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Iterator, Protocol, Sequence
 
-import faiss
+from ..index.faiss_lib import faiss
 import numpy as np
 
 from ..index import tiers

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import faiss
+from ..index.faiss_lib import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import faiss
+from ..index.faiss_lib import faiss
 import numpy as np
 
 
