@@ -28,11 +28,16 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class StorageOptions:
-    """Connection settings for object storage. Empty fields fall back to the AWS environment."""
+    """Connection settings for object storage. Empty fields fall back to the AWS environment; with no
+    credentials anywhere, the SDKs' own chain applies (profiles, web identity / IRSA, instance metadata).
+
+    `token`: an S3 session token (temporary credentials), or for gs:// a gcsfs token (a service-account JSON
+    path, "google_default", ...)."""
 
     endpoint_url: str | None = None
     key: str | None = field(default=None, repr=False)
     secret: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
     region: str | None = None
     anon: bool = False
 
@@ -43,16 +48,21 @@ class StorageOptions:
             endpoint_url=d.get("endpoint_url"),
             key=d.get("key"),
             secret=d.get("secret"),
+            token=d.get("token"),
             region=d.get("region"),
             anon=bool(d.get("anon", False)),
         )
 
     def resolved(self) -> "StorageOptions":
+        """Explicit key/secret (and token) as given; else all three from the AWS environment variables,
+        so temporary credentials keep their session token."""
         env = os.environ
+        explicit = bool(self.key and self.secret)
         return StorageOptions(
             endpoint_url=self.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
-            key=self.key or env.get("AWS_ACCESS_KEY_ID"),
-            secret=self.secret or env.get("AWS_SECRET_ACCESS_KEY"),
+            key=self.key if explicit else env.get("AWS_ACCESS_KEY_ID"),
+            secret=self.secret if explicit else env.get("AWS_SECRET_ACCESS_KEY"),
+            token=self.token if explicit else env.get("AWS_SESSION_TOKEN"),
             region=self.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
             anon=self.anon,
         )
@@ -90,7 +100,7 @@ def fsspec_filesystem(uri: str, options: StorageOptions | None = None) -> fsspec
     if scheme in ("s3", "s3a"):
         kwargs: dict[str, Any] = {"anon": opts.anon}
         if opts.key and opts.secret:
-            kwargs.update(key=opts.key, secret=opts.secret)
+            kwargs.update(key=opts.key, secret=opts.secret, token=opts.token)
         client_kwargs: dict[str, Any] = {}
         if opts.endpoint_url:
             client_kwargs["endpoint_url"] = opts.endpoint_url
@@ -102,8 +112,12 @@ def fsspec_filesystem(uri: str, options: StorageOptions | None = None) -> fsspec
         kwargs["use_listings_cache"] = False
         return fsspec.filesystem("s3", skip_instance_cache=True, **kwargs)
     if scheme in ("gs", "gcs"):
+        given = options or StorageOptions()  # not the AWS environment
+        gcs: dict[str, Any] = {"token": "anon" if given.anon else given.token}
+        if given.endpoint_url:  # e.g. a fake-gcs-server
+            gcs["endpoint_url"] = given.endpoint_url
         try:
-            return fsspec.filesystem("gcs", token="anon" if opts.anon else None)
+            return fsspec.filesystem("gcs", **gcs)
         except ImportError as e:  # pragma: no cover - depends on an optional extra
             raise ImportError("gs:// needs gcsfs: pip install 'embindex[gcs]'") from e
     return fsspec.filesystem(scheme)
@@ -122,6 +136,8 @@ def arrow_filesystem(uri: str, options: StorageOptions | None = None) -> pafs.Fi
             kwargs["anonymous"] = True
         elif opts.key and opts.secret:
             kwargs.update(access_key=opts.key, secret_key=opts.secret)
+            if opts.token:
+                kwargs["session_token"] = opts.token
         if opts.endpoint_url:
             ep = urlparse(opts.endpoint_url)
             kwargs.update(
