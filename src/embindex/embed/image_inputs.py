@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..models.base import ImageNotSupported, ImageProcessor
-from ..sources.normalize import Reasons
+from ..sources.normalize import Reasons, with_rejects
 
 PIXEL_COLUMNS = ("pixels", "height", "width")
 # raster formats only: Pillow would otherwise also open e.g. EPS (which runs Ghostscript on the data)
@@ -93,8 +93,7 @@ def prepare_image_rows(batch: pa.Table, processor: ImageProcessor | None, model:
     pixels: list[bytes | None] = [None] * n
     heights: list[int | None] = [None] * n
     widths: list[int | None] = [None] * n
-    reject = batch.column("reject").to_pylist()
-    detail = batch.column("reject_detail").to_pylist()
+    rejects: dict[int, tuple[str, str]] = {}
     images = batch.column("image")
     for i in rows:
         try:
@@ -102,12 +101,10 @@ def prepare_image_rows(batch: pa.Table, processor: ImageProcessor | None, model:
                 raise ImageRejected(Reasons.UNSUPPORTED_MODALITY, f"model family {model!r} embeds text only")
             arr = prepare(processor, decode_image(images[int(i)].as_py(), max_pixels))
         except ImageRejected as e:
-            reject[i], detail[i] = e.reason, e.detail
+            rejects[int(i)] = (e.reason, e.detail)
             continue
         pixels[i], heights[i], widths[i] = np.ascontiguousarray(arr, np.uint8).tobytes(), arr.shape[0], arr.shape[1]
-    out = batch.drop_columns(["image"])
-    for name, values, typ in (("reject", reject, pa.string()), ("reject_detail", detail, pa.string())):
-        out = out.set_column(out.schema.get_field_index(name), name, pa.array(values, typ))
+    out = with_rejects(batch.drop_columns(["image"]), rejects)
     out = out.append_column("pixels", pa.array(pixels, pa.binary()))
     out = out.append_column("height", pa.array(heights, pa.int32()))
     return out.append_column("width", pa.array(widths, pa.int32()))

@@ -32,7 +32,7 @@ from ..models import load_family
 from ..models.base import ImageProcessor, ModelFamily, Role, TextTokenizer
 from ..models.embedder import Embedder, Rejects, error_line, free_device_memory, is_device_oom
 from ..models.late_chunking import pool_spans, token_states
-from ..sources.normalize import Reasons
+from ..sources.normalize import Reasons, with_rejects
 from ..text.batching import pad_batch
 from ..text.chunking import ChunkSpec, chunk_spans, token_spans
 from ..ray_runtime import ComputeThread
@@ -271,7 +271,7 @@ class EmbedActor:
             batch, vectors, rejected = batch.take(pa.array(keep, pa.int64())), vectors[keep], rejected[keep]
         valid = ~rejected
         valid[list(rejects)] = False
-        out = _drop_inputs(_with_rejects(batch, rejects))
+        out = _drop_inputs(with_rejects(batch, rejects))
         return out.append_column(VECTOR_COLUMN, vectors_to_arrow(vectors, valid))
 
     def _images(self, batch: pa.Table, rows: np.ndarray, rejects: Rejects, tokens: bool = False):
@@ -315,7 +315,7 @@ class EmbedActor:
         if images.size:
             vecs = self._images(batch, images, rejects)[0]
             whole = {i: v for i, v in zip(images.tolist(), vecs) if i not in rejects}
-        batch = _with_rejects(batch, rejects)
+        batch = with_rejects(batch, rejects)
         take, chunk, start, end, vecs = [], [], [], [], []
         for i in range(batch.num_rows):
             if i not in per_doc:  # a reject (no vector) or an image (one vector): one row, no chunk
@@ -397,7 +397,7 @@ class EmbedActor:
         valid = ~rejected
         for i in rejects:
             valid[i], per_row[i] = False, None
-        out = _drop_inputs(_with_rejects(batch, rejects)).append_column(VECTOR_COLUMN, vectors_to_arrow(single, valid))
+        out = _drop_inputs(with_rejects(batch, rejects)).append_column(VECTOR_COLUMN, vectors_to_arrow(single, valid))
         return out.append_column(TOKEN_VECTORS_COLUMN, token_vectors_to_arrow(per_row, self.embedder.token_dim))
 
 
@@ -405,19 +405,6 @@ def _add_rejects(into: Rejects, local: Rejects, rows: np.ndarray) -> None:
     """Rejects keyed by position in `rows` -> keyed by batch row."""
     for j, value in local.items():
         into[int(rows[j])] = value
-
-
-def _with_rejects(batch: pa.Table, rejects: Rejects) -> pa.Table:
-    """Set `reject` / `reject_detail` of the given rows."""
-    if not rejects:
-        return batch
-    reason, detail = batch.column("reject").to_pylist(), batch.column("reject_detail").to_pylist()
-    for i, (r, d) in rejects.items():
-        reason[i], detail[i] = r, d
-    for name, values in (("reject", reason), ("reject_detail", detail)):
-        pos = batch.schema.get_field_index(name)
-        batch = batch.set_column(pos, name, pa.array(values, batch.schema.field(pos).type))
-    return batch
 
 
 def _whole_documents(batch: pa.Table, rejected: np.ndarray, rejects: Rejects) -> tuple[list[int], Rejects]:

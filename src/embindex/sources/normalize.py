@@ -270,6 +270,19 @@ def parse_text_file(data: bytes, path: str, doc_id: str, rules: RowRules) -> dic
     return normalize_record({rules.id_column: doc_id, rules.text_column: text}, rules, path, None)
 
 
+def with_rejects(table: pa.Table, rejects: dict[int, tuple[str, str]]) -> pa.Table:
+    """Set `reject` / `reject_detail` of the given rows (row position -> (reason, detail))."""
+    if not rejects:
+        return table
+    reason, detail = table.column("reject").to_pylist(), table.column("reject_detail").to_pylist()
+    for i, (r, d) in rejects.items():
+        reason[i], detail[i] = r, d
+    for name, values in (("reject", reason), ("reject_detail", detail)):
+        pos = table.schema.get_field_index(name)
+        table = table.set_column(pos, name, pa.array(values, table.schema.field(pos).type))
+    return table
+
+
 def mark_duplicates(table: pa.Table, duplicate_ids: frozenset[str] | set[str]) -> pa.Table:
     """Turn documents whose id occurs more than once in the corpus into duplicate_id rejects
     (every other column, e.g. `fragment`, is kept)."""

@@ -26,6 +26,7 @@ from ..index.shards import STATUS_OK, generated_columns
 from ..models.base import checkpoint_hash
 from ..models.generator import Generation, GenerationInput
 from ..ray_runtime import ComputeThread
+from ..sources.normalize import with_rejects
 from .base import ActorStage
 
 EMPTY_GENERATION = "empty_generation"
@@ -90,20 +91,18 @@ class GenerateActor:
         rows = [i for i, ok in enumerate(pc.fill_null(wanted, False).to_pylist()) if ok]
         results = self.generator.generate(self._inputs(batch, rows), self.cfg.max_new_tokens,
                                           self.cfg.resources.batch_tokens) if rows else []
-        cols: dict[str, list[Any]] = {c: batch.column(c).to_pylist() for c in
-                                      ("text", "modality", "reject", "reject_detail")}
+        text, modality = batch.column("text").to_pylist(), batch.column("modality").to_pylist()
+        rejects: dict[int, tuple[str, str]] = {}
         out, status, model, tokens = ([None] * n for _ in range(4))
         for i, g in zip(rows, results):
             reason = self._reject_reason(g)
             if reason is not None:
-                code = reason.split(":", 1)[0].strip()
-                cols["reject"][i], cols["reject_detail"][i] = code, reason[:500]
-                cols["text"][i] = cols["modality"][i] = None
+                rejects[i] = (reason.split(":", 1)[0].strip(), reason[:500])
+                text[i] = modality[i] = None
                 continue
             out[i], status[i], model[i], tokens[i] = g.text, status_of(g), self.fingerprint, len(g.ids)
-            cols["text"][i], cols["modality"][i] = g.text, "text"
-        for name, values in cols.items():
-            batch = _set(batch, name, values, pa.string())
+            text[i], modality[i] = g.text, "text"
+        batch = with_rejects(_set(_set(batch, "text", text, pa.string()), "modality", modality, pa.string()), rejects)
         for name, values, typ in zip(generated_columns(self.output), (out, status, model, tokens),
                                      (pa.string(), pa.string(), pa.string(), pa.int32())):
             batch = _set(batch, name, values, typ)
