@@ -1,4 +1,4 @@
-"""`embindex build | reindex | compact | search | retrieve | inspect`."""
+"""`embindex build | reindex | compact | search | retrieve | inspect | export`."""
 
 from __future__ import annotations
 
@@ -229,6 +229,63 @@ def inspect(
     lines.append(f"search   default tier {default_tier(m, target)} (narrowest with rescored recall@{kq} >= "
                  f"{target:g}, else the widest)")
     typer.echo("\n".join(str(x) for x in lines))
+
+
+@app.command("export")
+def export_cmd(
+    index: str = typer.Argument(..., help="index URI"),
+    to: str = typer.Option(..., "--to", help="target: lancedb:///path/db/TABLE, lancedb+s3://bucket/db/TABLE, "
+                           "postgresql://user:pass@host:port/db?table=NAME, es://host:9200/INDEX (ess:// = https), "
+                           "file:///dir"),
+    tier: Optional[str] = typer.Option(None, "--tier", help="exported width: a tier width, 'full', or 'auto' "
+                                       "(default: the width the target holds, else the narrowest tier whose "
+                                       "recall@10 without rescoring reaches the recall target, else full)"),
+    version: Optional[str] = typer.Option(None, "--version", help="a version other than _latest"),
+    replace: bool = typer.Option(False, "--replace", help="drop what the target holds and reload it"),
+    build_index: Optional[bool] = typer.Option(None, "--index/--no-index", help="build the target's ANN index "
+                                               "(default: Postgres HNSW on, LanceDB IVF-PQ off)"),
+    content: bool = typer.Option(True, "--content/--no-content", help="include the stored text (index.store_content)"),
+    full_vector: bool = typer.Option(False, "--full-vector", help="also the full-width vector (Elasticsearch: a "
+                                     "second, unindexed field for rescoring)"),
+    tokens: Optional[bool] = typer.Option(None, "--tokens/--no-tokens", help="token vectors of a multi-vector "
+                                          "index (Elasticsearch rank_vectors; default on there)"),
+    recall_target: Optional[float] = typer.Option(None, "--recall-target", help="for the default width"),
+    opt: List[str] = typer.Option([], "--opt", help="target setting KEY=VALUE (repeatable), e.g. "
+                                  "index_options=bbq_hnsw, oversample=3, m=16, num_partitions=256"),
+    use_ray: bool = typer.Option(False, "--ray", help="one Ray task per shard (also when RAY_ADDRESS is set)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to run the shard tasks on"),
+    quiet: bool = QUIET_OPT,
+) -> None:
+    """Export a version of an index to LanceDB, Postgres + pgvector, Elasticsearch or bulk files; a target that
+    holds an older version of the same index gets only the delta."""
+    _setup_env()
+    import contextlib
+
+    import yaml
+
+    from .export import ExportError, export_index
+
+    try:
+        options = {}
+        for item in opt:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--opt takes KEY=VALUE, got {item!r}")
+            options[key.strip()] = yaml.safe_load(value)
+        session = contextlib.nullcontext()
+        if use_ray or ray_address or os.environ.get("RAY_ADDRESS"):
+            from .config import ResourcesConfig
+            from .ray_runtime import ray_session
+
+            session = ray_session(ResourcesConfig(ray_address=ray_address))
+        with session:
+            result = export_index(index, to, version=version, tier=tier, replace=replace, content=content,
+                                  full_vector=full_vector, tokens=tokens, build_index=build_index,
+                                  recall_target=recall_target, options=options, log=None if quiet else _log)
+    except (ExportError, ValueError, FileNotFoundError, ImportError) as e:
+        _fail(str(e))
+        return
+    typer.echo(result.summary())
 
 
 def main() -> None:  # pragma: no cover
