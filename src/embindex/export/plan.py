@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from ..index.manifest import Manifest
 from ..index.publish import read_manifest
+from ..index.quality import narrowest_tier_reaching
 from ..index.shards import CONTENT_COLUMN, read_table, vectors_of
 from ..index.tiers import truncate
 from ..index.tombstones import read_tombstones
@@ -106,14 +107,8 @@ class ExportPlan:
 def default_width(manifest: Manifest, recall_target: float) -> int:
     """The narrowest tier whose build-time recall@k *without rescoring* reaches `recall_target`, else the
     full width: an export target serves the exported vectors as they are, with no full-width rescoring."""
-    quality = manifest.quality or {}
-    k = quality.get("k", 10)
-    per_tier = quality.get("tiers", {})
-    for t in sorted(manifest.tiers, key=lambda t: t.dim):
-        recall = per_tier.get(str(t.dim), {}).get(f"recall@{k}")
-        if recall is not None and recall >= recall_target:
-            return t.dim
-    return manifest.dim
+    found = narrowest_tier_reaching(manifest, recall_target, rescored=False)
+    return found if found is not None else manifest.dim
 
 
 def resolve_width(manifest: Manifest, tier: int | str | None, recall_target: float | None = None) -> int:

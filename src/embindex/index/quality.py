@@ -102,3 +102,16 @@ def split_queries(ordinals: np.ndarray, n_queries: int, seed: int = 0) -> tuple[
         rest = perm
     return np.sort(q), np.sort(rest)
 
+
+def narrowest_tier_reaching(manifest: Any, recall_target: float, rescored: bool) -> int | None:
+    """Width of the narrowest tier whose build-time recall@k (manifest.quality; rescored at full width, or
+    the tier alone) reaches `recall_target`; None when none does or the manifest has no quality numbers."""
+    quality = manifest.quality or {}
+    k = quality.get("k", 10)
+    key = f"recall@{k}_rescored" if rescored else f"recall@{k}"
+    per_tier = quality.get("tiers", {})
+    for t in sorted(manifest.tiers, key=lambda t: t.dim):
+        recall = per_tier.get(str(t.dim), {}).get(key)
+        if recall is not None and recall >= recall_target:
+            return t.dim
+    return None

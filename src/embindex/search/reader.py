@@ -27,6 +27,7 @@ from ..config import SearchConfig
 from ..index.manifest import Manifest
 from ..index.multivector import maxsim_scores, open_token_index, shard_token_vectors
 from ..index.publish import latest_version, read_manifest
+from ..index.quality import narrowest_tier_reaching
 from ..index.shards import CONTENT_COLUMN, CONTENT_IMAGE_COLUMN, read_table, vectors_of
 from ..index.tier_io import TierCache
 from ..index.tombstones import read_tombstones, tombstone_mask
@@ -69,14 +70,8 @@ def recall_target_of(manifest: Manifest) -> float:
 def default_tier(manifest: Manifest, recall_target: float) -> int:
     """Width of the narrowest tier whose build-time rescored recall@k (manifest.quality) reaches
     `recall_target`; the widest tier when none does (or the manifest has no quality numbers)."""
-    quality = manifest.quality or {}
-    k = quality.get("k", 10)
-    per_tier = quality.get("tiers", {})
-    for t in sorted(manifest.tiers, key=lambda t: t.dim):
-        recall = per_tier.get(str(t.dim), {}).get(f"recall@{k}_rescored")
-        if recall is not None and recall >= recall_target:
-            return t.dim
-    return max(t.dim for t in manifest.tiers)
+    found = narrowest_tier_reaching(manifest, recall_target, rescored=True)
+    return found if found is not None else max(t.dim for t in manifest.tiers)
 
 
 class IndexReader:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -102,3 +102,14 @@ class Sink:
         for k in [k for k in state if k.startswith("_conn") or k.startswith("_client") or k.startswith("_db")]:
             state[k] = None
         return state
+
+
+def keys_by_shard(pairs: list[tuple[str, str]], batch: int = 1000) -> Iterator[tuple[str, list[str]]]:
+    """(shard, up to `batch` keys) groups of (key, shard) pairs: a delete removes a key only from the shard
+    that held it (a changed document's new row, in another shard, stays)."""
+    by_shard: dict[str, list[str]] = {}
+    for key, shard in pairs:
+        by_shard.setdefault(shard, []).append(key)
+    for shard, keys in by_shard.items():
+        for i in range(0, len(keys), batch):
+            yield shard, keys[i:i + batch]

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from ..plan import ExportPlan
 from ..state import ConflictError, ExportError, ExportState, TargetError
-from .base import Sink, require
+from .base import Sink, keys_by_shard, require
 from .es_docs import VECTOR_FIELD, documents, plan_mapping
 
 META_KEY = "embindex"
@@ -198,14 +198,9 @@ class EsSink(Sink):
         if not pairs:
             return 0
         self._call("refresh", self.client.indices.refresh, index=self.index_name)
-        by_shard: dict[str, list[str]] = {}
-        for key, shard in pairs:
-            by_shard.setdefault(shard, []).append(key)
         n = 0
-        for shard, keys in by_shard.items():
-            for i in range(0, len(keys), DELETE_BATCH):
-                query = {"bool": {"filter": [{"term": {"shard": shard}}, {"ids": {"values": keys[i:i + DELETE_BATCH]}}]}}
-                n += self._delete_by_query(query)
+        for shard, keys in keys_by_shard(pairs, DELETE_BATCH):
+            n += self._delete_by_query({"bool": {"filter": [{"term": {"shard": shard}}, {"ids": {"values": keys}}]}})
         return n
 
     def delete_shards(self, shards: list[str]) -> int:

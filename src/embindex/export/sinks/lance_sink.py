@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from ..plan import SCALAR_KINDS, ExportPlan
 from ..state import ConflictError, ExportState, TargetError
-from .base import Sink, require
+from .base import Sink, keys_by_shard, require
 
 STATE_TABLE = "_embindex_exports"
 BASE_COLUMNS = ("key", "id", "chunk", "start", "end", "modality", "meta", "content", "shard", "vector")
@@ -188,14 +188,10 @@ class LanceSink(Sink):
         return rows.num_rows
 
     def delete_rows(self, pairs: list[tuple[str, str]]) -> int:
-        by_shard: dict[str, list[str]] = {}
-        for key, shard in pairs:
-            by_shard.setdefault(shard, []).append(key)
         n = 0
-        for shard, keys in by_shard.items():
-            for i in range(0, len(keys), DELETE_BATCH):
-                keys_sql = ", ".join(_quote(k) for k in keys[i:i + DELETE_BATCH])
-                n += self._table.delete(f"shard = {_quote(shard)} AND key IN ({keys_sql})").num_deleted_rows
+        for shard, keys in keys_by_shard(pairs, DELETE_BATCH):
+            keys_sql = ", ".join(_quote(k) for k in keys)
+            n += self._table.delete(f"shard = {_quote(shard)} AND key IN ({keys_sql})").num_deleted_rows
         return n
 
     def delete_shards(self, shards: list[str]) -> int:
