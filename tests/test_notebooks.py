@@ -19,6 +19,7 @@ EXPECTED_FIGURES = {
     "matryoshka_tradeoffs.ipynb": 2,   # recall vs width / vs bytes; latency per tier
     "late_chunking.ipynb": 1,          # MRR@10, recall@1, recall@10 per system
     "multivector_maxsim.ipynb": 2,     # token counts per document; candidates vs exact as token_k grows
+    "web_pages_readerlm.ipynb": 1,     # characters kept by pre-cleaning; prompt vs generated tokens per page
 }
 # notebook -> strings its printed output must contain (it did the work, not only drew something)
 EXPECTED_TEXT = {
@@ -26,6 +27,7 @@ EXPECTED_TEXT = {
     "matryoshka_tradeoffs.ipynb": ["published v000001", "held-out, 100 queries", "sign bits"],
     "late_chunking.ipynb": ["no chunking", "naive chunking", "late chunking", "MRR@10", "text["],
     "multivector_maxsim.ipynb": ["same top-5 ids: True, same scores: True", "token_k  256"],
+    "web_pages_readerlm.ipynb": ["5 pages:", "stage fingerprint: sha256:", "of the HTML after pre-cleaning"],
 }
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
