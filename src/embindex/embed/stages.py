@@ -31,7 +31,7 @@ from ..index.shards import CONTENT_COLUMN, CONTENT_IMAGE_COLUMN, DTYPE_COLUMN
 from ..models import load_family
 from ..models.base import ImageProcessor, ModelFamily, Role, TextTokenizer
 from ..models.embedder import Embedder, Rejects, error_line, free_device_memory, is_device_oom
-from ..models.late_chunking import pool_spans, token_states
+from ..models.late_chunking import pool_spans, token_states, window_starts, windows_per_forward
 from ..sources.normalize import Reasons, with_rejects
 from ..text.batching import pad_batch
 from ..text.chunking import ChunkSpec, chunk_spans, token_spans
@@ -357,10 +357,12 @@ class EmbedActor:
                                   lambda j: f"{len(ids[short[j]])} tokens")
         _add_rejects(rejects, local, np.asarray(short, dtype=np.int64))
 
-    def _late_long(self, ids: np.ndarray, spans: list[tuple[int, int]], row: int, rejects: Rejects,
-                   max_windows: int = 8) -> np.ndarray | None:
-        """A document over the window: its macro windows, fewer per forward on device OOM; None (and a
-        reject) when a single window does not fit."""
+    def _late_long(self, ids: np.ndarray, spans: list[tuple[int, int]], row: int,
+                   rejects: Rejects) -> np.ndarray | None:
+        """A document over the window: its macro windows, as many per forward as `batch_tokens` holds, half as
+        many after each device OOM; None (and a reject) when a single window does not fit."""
+        n_windows = len(window_starts(len(ids), self.window, self.window_overlap))
+        max_windows = windows_per_forward(self.embedder.batch_tokens, self.window, n_windows)
         while True:
             try:
                 return pool_spans(token_states(self.embedder.encoder, ids, self.task, self.window,

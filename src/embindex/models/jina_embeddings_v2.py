@@ -7,7 +7,10 @@ Facts (MODELS.md §8; TEI `backends/candle/src/models/jina.rs`):
 * Attention: BERT self-attention (`attention.self.{query,key,value}`), scores `q·k/sqrt(d)` plus the symmetric
   ALiBi bias `-slope_h * |i - j|` plus the key padding mask, softmax, `attention.output.dense`, residual,
   `attention.output.LayerNorm` (post-norm). Run through `torch.nn.functional.scaled_dot_product_attention`
-  with bias + mask as one additive float mask.
+  with bias + mask as one additive float mask, one block of query rows at a time (`AlibiMask`): a block's
+  ALiBi is a strided view of one `[H, 2L - 1]` table (no copy); padded rows attend one by one over their real
+  keys (CPU) or get the padding added per block (`[B, H, rows, L]`, within `ATTN_BLOCK_BYTES` with the
+  scores). Attention memory grows with L, not L² (a dense `[H, L, L]` bias is 3.2 GB at 12 heads, 8,192 tokens).
 * MLP (`feed_forward_type "geglu"`): `mlp.gated_layers` (no bias, out = 2 x intermediate); GELU (exact, erf)
   of the first half times the second half; `mlp.wo`; + residual; `mlp.layernorm`. `"reglu"` uses ReLU.
 * Pooling: mean over the attention mask (`emb_pooler "mean"`); the Embedder L2-normalises.
@@ -21,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -120,11 +123,119 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
+def alibi_table(slopes: torch.Tensor, length: int) -> torch.Tensor:
+    """[H, 2L - 1] fp32: entry t of head h is `-slope_h * |t - (L - 1)|`, every ALiBi value of length L."""
+    distance = (torch.arange(2 * length - 1, device=slopes.device) - (length - 1)).abs().float()
+    return -slopes[:, None] * distance[None]
+
+
+def reversed_rows(table: torch.Tensor, length: int) -> torch.Tensor:
+    """[H, L, L] view of an `alibi_table` (no copy): row r is the bias of query L - 1 - r, i.e.
+    `view[h, r, j] = table[h, r + j] = -slope_h * |(L - 1 - r) - j|`. Rows run backwards because a strided
+    view cannot express i - j (it would need a negative stride), but r + j it can."""
+    return table.unfold(1, length, 1)
+
+
 def alibi_bias(num_heads: int, length: int, device: torch.device | None = None) -> torch.Tensor:
-    """[H, L, L] fp32 symmetric bias `-slope_h * |i - j|`."""
-    pos = torch.arange(length, device=device)
-    distance = (pos[None, :] - pos[:, None]).abs().float()
-    return -alibi_slopes(num_heads).to(device)[:, None, None] * distance[None]
+    """[H, L, L] fp32 symmetric bias `-slope_h * |i - j|` (dense; the model never builds it)."""
+    table = alibi_table(alibi_slopes(num_heads).to(device), length)
+    return reversed_rows(table, length).flip(1).contiguous()
+
+
+# Bytes one block of query rows may take for its [B, H, rows, L] bias plus the attention scores it scales
+# (fp32, 8 bytes a score: what the math fallback materialises; CUDA kernels copy a strided bias block). On
+# CPU the bias view costs nothing; the budget only keeps blocks thick (12 heads at 8,192 tokens: 640 rows).
+ATTN_BLOCK_BYTES = 512 * 2**20
+
+
+def query_block_rows(batch: int, heads: int, length: int, budget: int = ATTN_BLOCK_BYTES) -> int:
+    """Query rows per attention block within `budget`; a multiple of 64 (whole kernel tiles) when at least 64.
+    Thin blocks are slow on CPU (v2-base widths at 8,192 tokens: 64-row blocks took ~2x as long as 320+)."""
+    rows = budget // (batch * heads * length * 8)
+    if rows >= 64:
+        rows -= rows % 64
+    return max(1, min(length, rows))
+
+
+def key_ranges(attention_mask: torch.Tensor) -> list[tuple[int, int]] | None:
+    """Per row of a [B, L] 0/1 mask the [start, end) of its real tokens, or None unless every row's real
+    tokens are one non-empty run (left or right padding)."""
+    real = attention_mask.bool()
+    pos = torch.arange(real.shape[1], device=real.device)
+    start = torch.where(real, pos, real.shape[1]).amin(1)
+    end = torch.where(real, pos + 1, 0).amax(1)
+    if bool(((end - start) != real.sum(1)).any()) or bool((end <= start).any()):
+        return None
+    return list(zip(start.tolist(), end.tolist()))
+
+
+@dataclass
+class AlibiMask:
+    """The additive attention mask (ALiBi + key padding) of one batch, handed out one block of query rows
+    at a time. Query rows are taken in reverse order (see `reversed_rows`), so a block's ALiBi is a view of
+    one [H, 2L - 1] table. Padded batches take one of two routes:
+
+    * `key_ranges` (CPU): each row attends on its own over its run of real keys; the mask stays a view.
+    * `key_padding` (accelerators, or padding with holes): the whole batch at once, each block's mask
+      materialised as ALiBi + padding, [B, H, rows, L] (built once for all layers when one block covers L).
+      On CPU this measured 2-10x slower than the views (the kernel then streams the mask from memory).
+    """
+
+    table: torch.Tensor  # [H, 2L - 1] in the model dtype
+    length: int
+    key_padding: torch.Tensor | None = None  # [B, 1, 1, L] additive (0 or the dtype's minimum)
+    key_ranges: list[tuple[int, int]] | None = None  # per row [start, end) of its real keys
+    budget: int = ATTN_BLOCK_BYTES
+    whole: torch.Tensor | None = None  # the padded mask when one block covers all query rows
+
+    @classmethod
+    def build(cls, slopes: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype,
+              budget: int = ATTN_BLOCK_BYTES, per_row: bool | None = None) -> "AlibiMask":
+        """For a [B, L] 0/1 attention mask; `per_row` (default: on CPU) lets padded rows attend one by one."""
+        batch, length = attention_mask.shape
+        device = attention_mask.device
+        table = alibi_table(slopes.to(device), length).to(dtype)
+        if bool(attention_mask.all()):
+            return cls(table, length, budget=budget)
+        ranges = key_ranges(attention_mask) if (device.type == "cpu" if per_row is None else per_row) else None
+        if ranges is not None:
+            return cls(table, length, key_ranges=ranges, budget=budget)
+        padding = torch.zeros(attention_mask.shape, dtype=dtype, device=device)
+        padding = padding.masked_fill(attention_mask == 0, torch.finfo(dtype).min)[:, None, None, :]
+        mask = cls(table, length, key_padding=padding, budget=budget)
+        if query_block_rows(batch, len(slopes), length, budget) == length:
+            mask.whole = mask.bias(0, length)
+        return mask
+
+    def blocks(self, batch: int) -> Iterator[tuple[int, int]]:
+        """[start, end) of each block of reversed query rows (row r is query L - 1 - r) for `batch` rows."""
+        rows = query_block_rows(batch, self.table.shape[0], self.length, self.budget)
+        for start in range(0, self.length, rows):
+            yield start, min(start + rows, self.length)
+
+    def bias(self, start: int, end: int, keys: slice = slice(None)) -> torch.Tensor:
+        """Additive mask of reversed query rows start..end-1 over `keys`: [1, H, rows, keys], or
+        [B, H, rows, L] with `key_padding`."""
+        if self.whole is not None:
+            return self.whole
+        bias = reversed_rows(self.table, self.length)[None, :, start:end, keys]
+        if self.key_padding is None:
+            return bias
+        return (bias + self.key_padding).clamp_(min=torch.finfo(self.table.dtype).min)
+
+
+def alibi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AlibiMask,
+                    keys: slice = slice(None)) -> torch.Tensor:
+    """q [B, H, L, d], k / v [B, H, K, d] (keys `keys` of the L positions) -> context [B, L, H, d],
+    scaled dot-product attention one block of query rows at a time (scale 1/sqrt(d))."""
+    b, heads, n, d = q.shape
+    q_reversed = q.flip(2)  # the mask's query rows run backwards
+    ctx = q.new_empty(b, n, heads, d)
+    for start, end in mask.blocks(b):
+        block = F.scaled_dot_product_attention(q_reversed[:, :, start:end], k, v,
+                                               attn_mask=mask.bias(start, end, keys))
+        ctx[:, n - end : n - start] = block.flip(2).transpose(1, 2)
+    return ctx
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -152,16 +263,20 @@ class JinaBertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
-        """hidden [B, L, D], attn_bias [B, H, L, L] additive (ALiBi + padding) -> context [B, L, D]."""
+    def forward(self, hidden: torch.Tensor, mask: AlibiMask) -> torch.Tensor:
+        """hidden [B, L, D] -> context [B, L, D] (see `AlibiMask` for the two ways padded rows take)."""
         b, n, _ = hidden.shape
 
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.query(hidden)), heads(self.key(hidden)), heads(self.value(hidden))
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)  # scale 1/sqrt(head_dim)
-        return ctx.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        if mask.key_ranges is None:
+            ctx = alibi_attention(q, k, v, mask)
+        else:
+            ctx = torch.cat([alibi_attention(q[r : r + 1], k[r : r + 1, :, lo:hi], v[r : r + 1, :, lo:hi], mask,
+                                             slice(lo, hi)) for r, (lo, hi) in enumerate(mask.key_ranges)])
+        return ctx.view(b, n, self.num_heads * self.head_dim)
 
 
 class JinaBertSelfOutput(nn.Module):
@@ -180,8 +295,8 @@ class JinaBertAttention(nn.Module):
         self.self = JinaBertSelfAttention(config)
         self.output = JinaBertSelfOutput(config)
 
-    def forward(self, hidden: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
-        return self.output(self.self(hidden, attn_bias), hidden)
+    def forward(self, hidden: torch.Tensor, mask: AlibiMask) -> torch.Tensor:
+        return self.output(self.self(hidden, mask), hidden)
 
 
 class JinaBertGLUMLP(nn.Module):
@@ -207,8 +322,8 @@ class JinaBertLayer(nn.Module):
         self.attention = JinaBertAttention(config)
         self.mlp = JinaBertGLUMLP(config)
 
-    def forward(self, hidden: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.attention(hidden, attn_bias))
+    def forward(self, hidden: torch.Tensor, mask: AlibiMask) -> torch.Tensor:
+        return self.mlp(self.attention(hidden, mask))
 
 
 class JinaBertEncoder(nn.Module):
@@ -216,9 +331,9 @@ class JinaBertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(JinaBertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, hidden: torch.Tensor, attn_bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, mask: AlibiMask) -> torch.Tensor:
         for layer in self.layer:
-            hidden = layer(hidden, attn_bias)
+            hidden = layer(hidden, mask)
         return hidden
 
 
@@ -231,17 +346,9 @@ class JinaBertModel(nn.Module):
         self.embeddings = JinaBertEmbeddings(config)
         self.encoder = JinaBertEncoder(config)
 
-    def attention_bias(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """[B, L] 0/1 mask -> additive bias: ALiBi [1, H, L, L], plus the dtype's minimum on padded keys
-        ([B, H, L, L]) when any row is padded."""
-        length = attention_mask.shape[1]
-        bias = alibi_bias(self.config.num_attention_heads, length, attention_mask.device).to(dtype)[None]
-        if bool(attention_mask.all()):
-            return bias
-        lowest = torch.finfo(dtype).min
-        pad = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
-        pad = pad.masked_fill(attention_mask == 0, lowest)[:, None, None, :]
-        return (bias + pad).clamp_(min=lowest)
+    def attention_mask(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> AlibiMask:
+        """[B, L] 0/1 mask -> the blockwise ALiBi + key-padding mask every layer uses."""
+        return AlibiMask.build(alibi_slopes(self.config.num_attention_heads), attention_mask, dtype)
 
     def forward(
         self,
@@ -252,7 +359,7 @@ class JinaBertModel(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         hidden = self.embeddings(input_ids, token_type_ids)
-        return self.encoder(hidden, self.attention_bias(attention_mask, hidden.dtype))
+        return self.encoder(hidden, self.attention_mask(attention_mask, hidden.dtype))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 Documents longer than the model window go through "long late chunking": macro windows over the raw
 token ids (no special tokens added) that overlap by `overlap` tokens; from every window after the
 first the first `overlap` outputs are dropped, so exactly one token vector per input token remains.
+Windows go through the model `batch_tokens // window` at a time (`windows_per_forward`), the same token
+budget as every other forward.
 """
 
 from __future__ import annotations
@@ -24,9 +26,17 @@ def window_starts(n: int, window: int, overlap: int) -> list[int]:
     return list(range(0, max(n - overlap, 1), step))
 
 
+def windows_per_forward(batch_tokens: int, window: int, n_windows: int | None = None) -> int:
+    """Macro windows in one forward within the token budget: `batch_tokens // window`, at least 1 (and at
+    most `n_windows`, the document's windows, when given)."""
+    fit = max(1, batch_tokens // window)
+    return fit if n_windows is None else max(1, min(fit, n_windows))
+
+
 def token_states(encoder: TextEncoder, ids: np.ndarray, task: str | None, window: int, overlap: int,
                  max_windows: int = 8) -> torch.Tensor:
-    """[n] ids -> [n, H] fp32 token states, windowed when n > window (up to `max_windows` per forward)."""
+    """[n] ids -> [n, H] fp32 token states, windowed when n > window (up to `max_windows` per forward;
+    see `windows_per_forward`)."""
     n = len(ids)
     starts = window_starts(n, window, overlap)
     if len(starts) == 1:
@@ -58,6 +68,7 @@ def pool_spans(states: torch.Tensor, spans: Sequence[tuple[int, int]]) -> np.nda
 
 
 def late_chunk(encoder: TextEncoder, ids: np.ndarray, spans: Sequence[tuple[int, int]], task: str | None,
-               window: int, overlap: int) -> np.ndarray:
-    """One normalized vector per non-empty span of one document."""
-    return pool_spans(token_states(encoder, ids, task, window, overlap), [sp for sp in spans if sp[1] > sp[0]])
+               window: int, overlap: int, batch_tokens: int = 16384) -> np.ndarray:
+    """One normalized vector per non-empty span of one document; windows per forward within `batch_tokens`."""
+    states = token_states(encoder, ids, task, window, overlap, windows_per_forward(batch_tokens, window))
+    return pool_spans(states, [sp for sp in spans if sp[1] > sp[0]])
