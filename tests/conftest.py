@@ -20,6 +20,7 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 S3_KEY, S3_SECRET, S3_REGION = "testing", "testing", "us-east-1"
+SESSION_WORKERS_KEPT = 6  # worker processes (actors included) the session's Ray keeps alive; see ray_cluster
 
 
 def sample_docs(n: int | None = None) -> list[dict]:
@@ -32,11 +33,17 @@ def sample_docs(n: int | None = None) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the whole session: 3 logical CPUs so read tasks never starve the actors."""
+    """One local Ray for the whole session: 3 logical CPUs so read tasks never starve the actors.
+
+    Idle workers are kept between builds (`num_workers_soft_limit`): by default Ray keeps at most num_cpus
+    (3) worker processes, counting actors, and kills idle ones after a second; Ray Data's helper actors
+    (stats, autoscaling coordinator, actor location tracker) already hold 3, so every build started fresh
+    workers for its census, write and tier tasks (1-2 per build, ~1-3 s each on 2 cores)."""
     import ray
     import ray.data
 
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _system_config={"num_workers_soft_limit": SESSION_WORKERS_KEPT})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

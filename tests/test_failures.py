@@ -115,7 +115,7 @@ def test_accelerator_gpu_asks_for_gpus_on_a_cluster_without_them(ray_cluster, tm
 
         deadline = time.time() + 120
         while time.time() < deadline and not waiting():
-            time.sleep(1)
+            time.sleep(0.2)
         assert waiting(), "no embed actor waiting"
         time.sleep(5)  # CPUs are free: a CPU actor would have started (and the 10 documents been embedded)
         assert waiting() and proc.poll() is None

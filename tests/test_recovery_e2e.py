@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import embindex
-from conftest import job_config, sample_docs
+from conftest import SESSION_WORKERS_KEPT, job_config, sample_docs
 from embindex.embed.faults import NAN_ENV, OOM_ENV
 from embindex.models import ModelSpec, load_family
 from embindex.sources.normalize import Reasons
@@ -41,7 +41,8 @@ def test_build_rejects_what_the_device_cannot_embed(tmp_path, minilm_path):
 
     index_uri = str(tmp_path / "index")
     cfg = job_config(str(corpus), index_uri)
-    env = {**os.environ, OOM_ENV: str(OOM_ABOVE), NAN_ENV: ",".join(nan_ids), "RAY_ADDRESS": "local"}
+    env = {**os.environ, OOM_ENV: str(OOM_ABOVE), NAN_ENV: ",".join(nan_ids), "RAY_ADDRESS": "local",
+           "RAY_num_workers_soft_limit": str(SESSION_WORKERS_KEPT)}  # idle workers kept, as in conftest
     run = subprocess.run([sys.executable, "-c", BUILD, json.dumps(cfg)], env=env, capture_output=True, text=True,
                          timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -90,17 +90,6 @@ def test_three_days_of_incremental_reindex(ray_cluster, s3_bucket):
     assert "v000002   parent v000001" in out.output and "+40 ~5 -5" in out.output
 
 
-def test_changed_model_forces_a_full_rebuild(ray_cluster, tmp_path):
-    corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps(d) + "\n" for d in sample_docs(20)))
-    cfg = job_config(str(corpus), str(tmp_path / "idx"))
-    reindex(cfg, log=None)
-    logs: list[str] = []
-    again = reindex(dict(cfg, model={**cfg["model"], "max_length": 64}), log=logs.append)
-    assert any("full rebuild" in line for line in logs)
-    assert again.manifest.delta == {} and again.manifest.fragments["embedded"] == 1
-
-
 def test_compact_and_retention(ray_cluster, tmp_path):
     docs = sample_docs(60)
     corpus = tmp_path / "c.jsonl"
@@ -134,7 +123,9 @@ def test_compact_and_retention(ray_cluster, tmp_path):
     assert [h[0].id for h in fresh.search([docs[2]["text"]], k=1)] == [docs[2]["id"]]
 
 
-def test_tiers_are_retrained_when_the_index_outgrows_them(ray_cluster, tmp_path):
+def test_tiers_retrained_as_the_index_grows_and_a_changed_model_forces_a_full_rebuild(ray_cluster, tmp_path):
+    """Tiers are extended, then retrained, as the index grows; then a reindex with another model setting
+    rebuilds everything. (One test: both start from the same 20-document index, built once.)"""
     docs = sample_docs(60)
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in docs[:20]))
@@ -152,8 +143,14 @@ def test_tiers_are_retrained_when_the_index_outgrows_them(ray_cluster, tmp_path)
     hits = embindex.open_index(str(tmp_path / "idx")).search([d["text"] for d in docs[40:43]], k=1)
     assert [h[0].id for h in hits] == [d["id"] for d in docs[40:43]]
 
+    # a changed model (here its max_length) forces a full rebuild: no delta, every fragment embedded
+    logs: list[str] = []
+    again = reindex(dict(cfg, model={**cfg["model"], "max_length": 64}), log=logs.append)
+    assert any("full rebuild" in line for line in logs)
+    assert again.manifest.delta == {} and again.manifest.fragments["embedded"] == 1
 
-@pytest.mark.parametrize("factory", ["IVF4,Flat", "HNSW8,Flat"])  # Flat: test_tiers_are_retrained_...
+
+@pytest.mark.parametrize("factory", ["IVF4,Flat", "HNSW8,Flat"])  # Flat: test_tiers_retrained_as_the_index_grows_...
 def test_reindex_embeds_only_the_delta_for_every_tier_layout(ray_cluster, tmp_path, factory):
     """IVF tiers (inverted lists on disk) and HNSW: a reindex adds delta indexes built on the trained
     tiers and embeds only new and changed documents; at `max_tier_deltas` deltas the next reindex
