@@ -31,7 +31,10 @@ class ImageRejected(ValueError):
 
 
 def decode_image(data: bytes, max_pixels: int) -> Any:
-    """Encoded bytes -> a fully loaded PIL image; ImageRejected when unreadable, truncated or too large."""
+    """Encoded bytes -> a fully loaded RGB PIL image; ImageRejected when unreadable, truncated or too large.
+
+    RGB right after decoding, before any resize, as the reference `encode_image` of jina-clip-v2 and
+    jina-embeddings-v4 load a file (`Image.open(f).convert('RGB')`): alpha is dropped, not composited."""
     from PIL import Image
 
     try:
@@ -54,7 +57,11 @@ def decode_image(data: bytes, max_pixels: int) -> Any:
     except Exception as e:  # noqa: BLE001 - truncated or corrupt data
         raise ImageRejected(Reasons.IMAGE_UNREADABLE, f"cannot decode {im.format or 'image'} "
                             f"({type(e).__name__}: {e})") from None
-    return im
+    try:
+        return im.convert("RGB")
+    except (ValueError, OSError) as e:  # a mode Pillow cannot convert
+        raise ImageRejected(Reasons.IMAGE_UNREADABLE, f"cannot convert the {im.mode} image to RGB "
+                            f"({type(e).__name__}: {e})") from None
 
 
 def open_image(image: Any, max_pixels: int = 64_000_000) -> Any:

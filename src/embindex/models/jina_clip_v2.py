@@ -230,10 +230,10 @@ def _check_task(task: str | None, supported: str) -> None:
 
 
 class JinaClipV2ImageProcessor(ImageProcessor):
-    """Resize the shortest side to `size` (PIL bicubic), centre crop `size`x`size`, then RGB; -> uint8.
+    """RGB, then resize the shortest side to `size` (PIL bicubic) and centre crop `size`x`size`; -> uint8.
 
-    The order (resize and crop in the image's own mode, RGB conversion last) is open_clip's
-    `image_transform` that the reference's processor wraps; for RGB inputs it does not matter."""
+    RGB first, as the reference `encode_image` converts every input (`.convert('RGB')`) before its
+    processor: an image with alpha resized in RGBA mode would be premultiplied and embed differently."""
 
     def __init__(self, size: int, patch_size: int, interpolation: str = "bicubic"):
         from PIL import Image
@@ -249,6 +249,7 @@ class JinaClipV2ImageProcessor(ImageProcessor):
         return int(self.size * width / height), self.size
 
     def __call__(self, image: Any) -> np.ndarray:
+        image = image.convert("RGB")
         w, h = image.size
         check_image_size(w, h)  # the shortest-side resize would blow up the long side of a thin image
         nw, nh = self.resized_size(w, h)
@@ -257,8 +258,7 @@ class JinaClipV2ImageProcessor(ImageProcessor):
         s = self.size
         top, left = round((nh - s) / 2.0), round((nw - s) / 2.0)  # torchvision CenterCrop
         image = image.crop((left, top, left + s, top + s))
-        out = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        return np.ascontiguousarray(out)
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
     def sequence_length(self, height: int, width: int) -> int:
         return (self.size // self.patch_size) ** 2 + 1

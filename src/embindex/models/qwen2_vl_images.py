@@ -1,7 +1,8 @@
 """Qwen2-VL / Qwen2.5-VL image preprocessing without transformers' processors (no torchvision needed).
 
 CPU side (`QwenVLImageProcessor`, runs in Ray CPU tasks): any PIL image -> RGB (transparency composited on
-white, as transformers' `convert_to_rgb`) -> Qwen2-VL `smart_resize` (multiples of patch*merge = 28 px,
+white, as transformers' `convert_to_rgb`; images decoded from files or bytes arrive already RGB, alpha
+dropped, as the reference loads files) -> Qwen2-VL `smart_resize` (multiples of patch*merge = 28 px,
 pixel count within [min_pixels, max_pixels]) with PIL bicubic -> [H, W, 3] uint8.
 
 Encoder side (`flatten_patches`): rescale 1/255, normalise with the checkpoint's mean/std, then the Qwen2-VL
