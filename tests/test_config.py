@@ -31,6 +31,7 @@ def test_parse_override_yaml_values():
         {"source.format": "xml"},
         {"resources.actors": 0},
         {"source.unknown_key": 1},
+        {"outputs.single": False},  # every mode stores one vector per row; false would do nothing
     ],
 )
 def test_invalid_configs_fail_before_any_worker(override):
@@ -46,3 +47,21 @@ def test_missing_file(tmp_path):
 def test_quickstart_config_is_valid():
     cfg = load_config("configs/quickstart.yaml")
     assert cfg.source.uri == "builtin:sample-corpus"
+
+
+def test_chunking_that_needs_token_offsets_is_refused_for_a_tokenizer_without_them():
+    """jina-code-embeddings' tokenizer gives no offsets: refused when the job is planned, not in a Ray task."""
+    from pathlib import Path
+
+    from embindex.pipeline import Job
+
+    fixture = Path(__file__).parent / "fixtures" / "jina-code-embeddings-tiny"
+    cfg = load_config(base(), {"model.name": "jina-code-embeddings", "model.path": str(fixture),
+                               "model.task": "nl2code", "index.tiers": ["full"],
+                               "outputs": {"chunking": {"chunker": "tokens", "chunk_size": 64}}})
+    with pytest.raises(ValueError, match="chunker: tokens needs token offsets"):
+        Job(cfg, log=lambda _m: None)
+    ok = load_config(base(), {"model.name": "jina-code-embeddings", "model.path": str(fixture),
+                              "model.task": "nl2code", "index.tiers": ["full"],
+                              "outputs": {"chunking": {"chunker": "sentences"}}})
+    Job(ok, log=lambda _m: None)

@@ -102,7 +102,8 @@ class MultivectorConfig(_Section):
 
 
 class OutputsConfig(_Section):
-    single: bool = True
+    single: Literal[True] = Field(True, description="one vector per row (document, chunk, or the pooled "
+                                  "vector beside multi-vector tokens), which the tiers index; always on")
     late_chunking: LateChunkingConfig | None = None
     chunking: ChunkingConfig | None = None
     multivector: MultivectorConfig | None = None
@@ -114,6 +115,15 @@ class OutputsConfig(_Section):
             return {}
         if v is False:
             return None
+        return v
+
+    @field_validator("single", mode="before")
+    @classmethod
+    def _single_on(cls, v: Any) -> Any:
+        if v is False:
+            raise ValueError("outputs.single cannot be turned off: every output mode stores one vector per "
+                             "row (the document, each chunk, or the pooled vector beside multi-vector tokens) "
+                             "and the tiers index it; remove the key")
         return v
 
     @model_validator(mode="after")

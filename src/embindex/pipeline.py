@@ -100,6 +100,7 @@ class Job:
         self.family.check_task(cfg.model.task)
         self.info = self.family.info()
         check_outputs(cfg, self.info)
+        check_offsets(cfg, self.family)
         self.tier_dims = tiers.resolve_tiers(cfg.index.tiers, self.info.dim)
         self.checkpoint_hash = checkpoint_hash(self.spec.path)
         self.store = Storage(cfg.index.uri, cfg.index.storage_options())
@@ -394,6 +395,18 @@ def check_outputs(cfg: JobConfig, info: Any) -> None:
     lc = cfg.outputs.late_chunking
     if lc is not None and lc.window_overlap is not None and lc.window_overlap >= (lc.window or info.max_length):
         raise ValueError("outputs.late_chunking.window_overlap must be smaller than the window")
+
+
+def check_offsets(cfg: JobConfig, family: Any) -> None:
+    """Late chunking and the "tokens" chunker map chunks through token offsets: refuse, before any worker
+    starts, a tokenizer that gives none."""
+    out = cfg.outputs
+    what = ("outputs.late_chunking" if out.late_chunking is not None else
+            "outputs.chunking.chunker: tokens" if out.chunking is not None and out.chunking.chunker == "tokens"
+            else None)
+    if what and not family.load_tokenizer().has_offsets:
+        raise ValueError(f"{what} needs token offsets, which the {family.name!r} tokenizer does not give; "
+                         f"use outputs.chunking with chunker: sentences or paragraphs")
 
 
 def outputs_entry(cfg: JobConfig, info: Any, window: int, tokens: int,

@@ -113,6 +113,11 @@ class TextTokenizer(ABC):
         `truncate=False` keeps every token (long late chunking windows them later)."""
         raise NotImplementedError(f"{type(self).__name__} gives no token offsets (no late chunking)")
 
+    @property
+    def has_offsets(self) -> bool:
+        """Whether `encode_with_offsets` is implemented (late chunking and the "tokens" chunker need it)."""
+        return type(self).encode_with_offsets is not TextTokenizer.encode_with_offsets
+
 
 class PrefixTokenizer(TextTokenizer):
     """A `tokenizers.Tokenizer` (truncation on at `max_length`) behind a role/task-dependent text prefix:
