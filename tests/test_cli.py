@@ -56,3 +56,24 @@ def test_cli_errors_exit_nonzero(tmp_path):
     assert r.exit_code == 1 and "not found" in r.output
     r = runner.invoke(app, ["inspect", str(tmp_path / "no-index")])
     assert r.exit_code == 1 and "no published version" in r.output
+
+
+def test_config_schema_and_examples():
+    """`embindex config` lists the shipped examples, prints each one, and the JSON schema of every key."""
+    from pathlib import Path
+
+    runner = CliRunner()
+    listed = runner.invoke(app, ["config"])
+    assert listed.exit_code == 0
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    names = sorted(p.stem for p in configs.glob("*.yaml"))
+    assert [line.strip() for line in listed.output.splitlines()[1:]] == names
+    shown = runner.invoke(app, ["config", "--example", "jina-embeddings-v3"])
+    assert shown.exit_code == 0 and shown.output == (configs / "jina-embeddings-v3.yaml").read_text()
+    by_family = runner.invoke(app, ["config", "--example", "hf-encoder"])  # a family name finds its example
+    assert by_family.output == (configs / "hf-encoder-bge-base-en-v1.5.yaml").read_text()
+    missing = runner.invoke(app, ["config", "--example", "nope"])
+    assert missing.exit_code == 1 and "quickstart" in missing.output
+    schema = json.loads(runner.invoke(app, ["config", "--schema"]).output)
+    assert set(schema["properties"]) >= {"source", "model", "outputs", "index", "resources", "run", "stages"}
+    assert "config --schema" in runner.invoke(app, ["build", "--help"]).output

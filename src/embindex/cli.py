@@ -22,7 +22,9 @@ def _fail(msg: str) -> None:
     raise typer.Exit(code=1)
 
 
-CONFIG_ARG = typer.Argument(..., help="job config YAML")
+CONFIG_ARG = typer.Argument(..., help="job config YAML: sections source, model, outputs, index, resources, run, "
+                            "search, stages (`embindex config --schema` prints them all; `embindex config "
+                            "--example NAME` a commented example)")
 SET_OPT = typer.Option([], "--set", help="override a config key: key.path=value (repeatable)")
 QUIET_OPT = typer.Option(False, "--quiet", "-q", help="only the final summary")
 
@@ -286,6 +288,33 @@ def export_cmd(
         _fail(str(e))
         return
     typer.echo(result.summary())
+
+
+@app.command("config")
+def config_cmd(
+    schema: bool = typer.Option(False, "--schema", help="print the job config's JSON schema"),
+    example: Optional[str] = typer.Option(None, "--example", help="print an example config: a model family "
+                                          "(e.g. jina-embeddings-v3) or an example's name"),
+) -> None:
+    """Job config help: the JSON schema of every key, or a commented example to start from. Without an
+    option, lists the examples."""
+    from importlib.resources import files
+
+    examples = {p.name[: -len(".yaml")]: p for p in files("embindex").joinpath("configs").iterdir()
+                if p.name.endswith(".yaml")}
+    if schema:
+        from .config import JobConfig
+
+        typer.echo(json.dumps(JobConfig.model_json_schema(), indent=2))
+    elif example is not None:
+        matches = [n for n in sorted(examples) if n == example or n.startswith(f"{example}-")]
+        if not matches:
+            _fail(f"no example {example!r}; examples: {', '.join(sorted(examples))}")
+        typer.echo(examples[matches[0]].read_text(encoding="utf-8"), nl=False)
+    else:
+        typer.echo("examples (embindex config --example NAME):")
+        for name in sorted(examples):
+            typer.echo(f"  {name}")
 
 
 def main() -> None:  # pragma: no cover
