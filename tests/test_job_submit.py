@@ -259,6 +259,7 @@ def test_ray_job_submit_build_on_s3(head_cluster, job_bucket, tmp_path):
     assert f"published v000001 at s3://{bucket}/indexes/docs" in logs, logs[-3000:]
     assert f"rows in {N_DOCS}: indexed {N_DOCS}, rejected 0" in logs
     assert f"[embindex] {N_DOCS} rows in 1 jsonl file(s)" in logs  # the build's own progress lines come back
+    assert "Progress bars disabled" not in logs  # Ray Data's hint about the progress setting embindex makes
     for blob in (logs, out):  # credentials are never printed
         assert job_bucket["secret"] not in blob and job_bucket["key"] not in blob
 

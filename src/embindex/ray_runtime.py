@@ -142,6 +142,12 @@ def quiet_ray_data(progress: bool) -> Any:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(progress and sys.stderr.isatty())
     ctx.verbose_progress = False
+    if not ctx.enable_progress_bars:
+        # embindex prints its own progress lines: Ray Data's one-time "Progress bars disabled. To enable..."
+        # hint (logged under this log_once key) would only describe this deliberate setting
+        from ray.util.debug import log_once
+
+        log_once("ray_data_progress_manager_disabled")
     return ctx
 
 
