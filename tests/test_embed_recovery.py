@@ -16,6 +16,7 @@ from conftest import FIXTURES, sample_docs
 from embindex.config import ModelConfig, OutputsConfig
 from embindex.embed.faults import NAN_ENV, OOM_ENV
 from embindex.embed.stages import EmbedActor, tokenize_batch
+from embindex.models.embedder import TokenBudget
 from embindex.sources.normalize import Reasons, RowRules, normalize_record, reject_row, to_table
 
 MINILM = ModelConfig(path="builtin:all-MiniLM-L6-v2", dtype="float32", max_length=128)
@@ -33,6 +34,7 @@ def actor(model: ModelConfig, outputs: OutputsConfig = OutputsConfig(), **kw: An
     key = (model.model_dump_json(), outputs.model_dump_json(), tuple(sorted(kw.items())))
     if key not in _ACTORS:
         _ACTORS[key] = EmbedActor(key[0], key[1], None, batch_tokens=8192, torch_threads=1, **kw)
+    _ACTORS[key].embedder.budget = TokenBudget(8192)  # each test starts with the configured budget
     return _ACTORS[key]
 
 
@@ -82,24 +84,48 @@ def assert_same_vectors(got: dict, ref: dict, keys) -> None:
 
 
 # -- out of memory: split, then reject -----------------------------------------------------------------
-def test_oom_on_a_batch_of_8_splits_until_it_fits(monkeypatch):
+def test_oom_lowers_the_budget_once_and_later_batches_remember_it(monkeypatch):
+    """The device fits 2 rows of the longest document: the batch of 8 fails, its first half fails, then
+    every forward fits, and the next batch does not fail at all (the lower budget is remembered)."""
     a = actor(MINILM)
     batch = tokenized(docs(8), MINILM)
     ref = by_key(a(batch))
+    longest = max(lengths(batch).values())
     freed = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(1))
 
-    def over_two_rows(original, input_ids, mask, task=None):
-        if input_ids.shape[0] > 2:
+    def over_two_longest_rows(original, input_ids, mask, task=None):
+        if input_ids.numel() > 2 * longest:
             raise oom()
         return original(input_ids, mask, task)
 
-    calls = patch_forward(monkeypatch, a.embedder.encoder, "forward_pooled", over_two_rows)
+    calls = patch_forward(monkeypatch, a.embedder.encoder, "forward_pooled", over_two_longest_rows)
     got = by_key(a(batch))
-    assert [c[0] for c in calls] == [8, 4, 2, 2, 4, 2, 2] and len(freed) == 3  # each failure freed the cache
+    sizes = [rows * width for rows, width in calls]
+    assert sizes[0] == 8 * longest and sizes[1] == 4 * longest and len(freed) == 2  # each failure freed the cache
+    assert all(t <= 2 * longest for t in sizes[2:]) and sum(rows for rows, _ in calls[2:]) == 8
     assert got.keys() == ref.keys() and got[("bad", None)][1] == Reasons.MISSING_TEXT
     assert_same_vectors(got, ref, [k for k in ref if k[0] != "bad"])
+    assert a.embedder.budget.tokens == 2 * longest
+    calls.clear()
+    again = by_key(a(batch))  # within the remembered budget from its first forward: no failure
+    assert len(freed) == 2 and all(rows * width <= 2 * longest for rows, width in calls)
+    assert_same_vectors(again, ref, [k for k in ref if k[0] != "bad"])
+
+
+def test_token_budget_grows_back_after_a_run_of_forwards_that_fit():
+    budget = TokenBudget(8192, grow_after=3)
+    budget.failed(6000)
+    assert budget.tokens == 3000
+    budget.failed(5000)  # a larger failure never raises the budget
+    assert budget.tokens == 2500
+    for _ in range(3):
+        budget.fitted()
+    assert budget.tokens == 5000
+    for _ in range(6):
+        budget.fitted()
+    assert budget.tokens == 8192  # never above the configured limit
 
 
 def test_rows_that_alone_do_not_fit_are_rejected_with_a_detail(monkeypatch):
@@ -150,8 +176,11 @@ def test_late_chunking_fewer_windows_then_whole_document_rejects(monkeypatch):
         return original(input_ids, mask, task)
 
     calls = patch_forward(monkeypatch, a.embedder.encoder, "forward_token_states", over_limit)
-    got = by_key(a(batch))  # 2 rows of 64 fit: short batches split, long documents 2 windows a forward
-    assert got.keys() == ref.keys() and any(c[1] == 64 and c[0] == 2 for c in calls)
+    got = by_key(a(batch))  # 2 rows of 64 fit: the first long document's 3 windows do not
+    sizes = [rows * width for rows, width in calls]
+    assert calls[0] == (3, 64) and a.embedder.budget.tokens == 96  # at most half of what failed, remembered
+    assert all(t <= 96 for t in sizes[1:]) and any(t > 64 for t in sizes)  # short documents still batched
+    assert got.keys() == ref.keys()
     assert_same_vectors(got, ref, [k for k in ref if k[0] != "bad"])
 
     limit["tokens"] = 50  # one window (64 tokens) never fits; documents up to 50 tokens do

@@ -9,8 +9,8 @@ Output modes (`OutputsConfig.mode`):
 - late:        each document through the model once, one vector per chunk span (late chunking);
 - multivector: per-token vectors per document (ColBERT style) plus their normalized mean.
 
-Failures are handled in the actor, per row: a forward out of device memory is split (halved, down to one
-row; `models.embedder.split_on_oom`), a row that alone does not fit becomes a `too_large_for_device` reject,
+Failures are handled in the actor, per row: a forward out of device memory is split (at most half its padded
+tokens, down to one row; the lower budget is remembered: `models.embedder.split_on_oom`, `TokenBudget`), a row that alone does not fit becomes a `too_large_for_device` reject,
 and a row with any non-finite vector a `non_finite` reject (a chunked document is rejected whole, as one
 row), so the build goes on and rows in = indexed + rejected still holds.
 """
@@ -359,14 +359,18 @@ class EmbedActor:
 
     def _late_long(self, ids: np.ndarray, spans: list[tuple[int, int]], row: int,
                    rejects: Rejects) -> np.ndarray | None:
-        """A document over the window: its macro windows, as many per forward as `batch_tokens` holds, half as
-        many after each device OOM; None (and a reject) when a single window does not fit."""
+        """A document over the window: its macro windows, as many per forward as the token budget holds (the
+        embedder's, lowered to at most half after each device OOM and remembered); None (and a reject) when a
+        single window does not fit."""
         n_windows = len(window_starts(len(ids), self.window, self.window_overlap))
-        max_windows = windows_per_forward(self.embedder.batch_tokens, self.window, n_windows)
+        budget = self.embedder.budget
+        max_windows = windows_per_forward(budget.tokens, self.window, n_windows)
         while True:
             try:
-                return pool_spans(token_states(self.embedder.encoder, ids, self.task, self.window,
-                                               self.window_overlap, max_windows), spans)
+                states = token_states(self.embedder.encoder, ids, self.task, self.window, self.window_overlap,
+                                      max_windows)
+                budget.fitted()
+                return pool_spans(states, spans)
             except Exception as e:  # noqa: BLE001 - only OOM is handled
                 if not is_device_oom(e):
                     raise
@@ -376,7 +380,8 @@ class EmbedActor:
                 what = f"{len(ids)} tokens in windows of {self.window}"
                 rejects[row] = (Reasons.TOO_LARGE_FOR_DEVICE, self.embedder.device_detail(what, error))
                 return None
-            max_windows //= 2
+            budget.failed(max_windows * self.window)
+            max_windows = min(max_windows // 2, windows_per_forward(budget.tokens, self.window, n_windows))
 
     # -- multi-vector --------------------------------------------------------------------------
     def _multivector(self, batch: pa.Table, texts: np.ndarray, images: np.ndarray, rejected: np.ndarray) -> pa.Table:

@@ -3,9 +3,11 @@
 Used inside the Ray embed actors, by search (query encoding), notebooks and benchmarks, so every
 caller shares one code path for padding, pooling and normalization.
 
-Device memory: a forward that runs out of memory frees the cache, halves its batch and retries, down to
-one row (`split_on_oom`). Callers that pass `rejects` (the embed actor) get the rows that do not fit
-even alone, and rows whose output is not finite, back as rejects instead of an exception.
+Device memory: a forward that runs out of memory frees the cache and retries its rows in batches of at
+most half its padded tokens, down to one row. The smaller budget is remembered for the next batches
+(`TokenBudget`), so a device that fits less than `batch_tokens` fails once, not on every batch; it is tried
+larger again after a run of forwards that fit. Callers that pass `rejects` (the embed actor) get the rows
+that do not fit even alone, and rows whose output is not finite, back as rejects instead of an exception.
 """
 
 from __future__ import annotations
@@ -48,12 +50,33 @@ def error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def split_on_oom(idx: np.ndarray, forward: Callable[[np.ndarray], None],
-                 too_large: Callable[[int, str], None] | None = None) -> None:
-    """`forward(idx)`; on device OOM free the cache, halve the batch and retry, recursively down to one
-    row. A row that alone does not fit goes to `too_large(row, error)`, or raises without it."""
+class TokenBudget:
+    """The padded tokens per forward: `limit` (the configured `batch_tokens`) until a forward runs out of
+    device memory, then at most half of what failed; doubled back (up to `limit`) after `grow_after`
+    forwards in a row that fit, in case the shortage was passing (another process on the device)."""
+
+    def __init__(self, limit: int, grow_after: int = 64):
+        self.limit, self.grow_after = int(limit), grow_after
+        self.tokens, self._fits = int(limit), 0
+
+    def failed(self, tokens: int) -> None:
+        self.tokens, self._fits = max(1, min(self.tokens, tokens // 2)), 0
+
+    def fitted(self) -> None:
+        self._fits += 1
+        if self.tokens < self.limit and self._fits >= self.grow_after:
+            self.tokens, self._fits = min(self.limit, self.tokens * 2), 0
+
+
+def split_on_oom(idx: np.ndarray, lengths: np.ndarray, forward: Callable[[np.ndarray], None],
+                 budget: TokenBudget, too_large: Callable[[int, str], None] | None = None) -> None:
+    """`forward(idx)` (rows longest first, `lengths` per row); on device OOM free the cache, lower the
+    budget to at most half the failed batch's padded tokens and retry the rows in batches within it,
+    recursively down to one row. A row that alone does not fit goes to `too_large(row, error)`, or raises
+    without it."""
     try:
         forward(idx)
+        budget.fitted()
         return
     except Exception as e:  # noqa: BLE001 - only OOM is handled; the rest is re-raised
         if not is_device_oom(e) or (len(idx) == 1 and too_large is None):
@@ -63,9 +86,13 @@ def split_on_oom(idx: np.ndarray, forward: Callable[[np.ndarray], None],
     if len(idx) == 1:
         too_large(int(idx[0]), error)  # type: ignore[misc]
         return
-    half = (len(idx) + 1) // 2
-    split_on_oom(idx[:half], forward, too_large)
-    split_on_oom(idx[half:], forward, too_large)
+    budget.failed(padded_tokens(lengths, idx))
+    for part in token_budget_batches(lengths[idx], lambda: budget.tokens):  # read again after each part
+        split_on_oom(idx[part], lengths, forward, budget, too_large)
+
+
+def padded_tokens(lengths: np.ndarray, idx: np.ndarray) -> int:
+    return len(idx) * max(1, int(lengths[idx].max()))
 
 
 def device_memory(device: Any) -> str:
@@ -99,9 +126,18 @@ class Embedder:
         self.info: ModelInfo = family.info()
         self.tokenizer = tokenizer or family.load_tokenizer()
         self.encoder = encoder or family.load_encoder(device)
-        self.batch_tokens = batch_tokens
+        self.budget = TokenBudget(batch_tokens)
         self.padding_side = getattr(self.tokenizer, "padding_side", "right")
         self._image_processor: ImageProcessor | None = None
+
+    @property
+    def batch_tokens(self) -> int:
+        """The configured padded tokens per forward (the budget's ceiling)."""
+        return self.budget.limit
+
+    @batch_tokens.setter
+    def batch_tokens(self, value: int) -> None:
+        self.budget = TokenBudget(value)
 
     def tokenize(self, texts: Sequence[str], role: Role, task: str | None = None) -> list[np.ndarray]:
         return self.tokenizer(texts, role, task)
@@ -137,12 +173,13 @@ class Embedder:
 
     def run_batches(self, lengths: Sequence[int], forward: Callable[[np.ndarray], None], rejects: Rejects | None,
                     on_batch: Callable[[int], None] | None, what: Callable[[int], str]) -> None:
-        """`forward(rows)` over token-budget batches of rows of these lengths, each halved on device OOM; a
-        row that does not fit alone is a `too_large_for_device` reject (described by `what(row)`), or raises
-        when `rejects` is None."""
+        """`forward(rows)` over batches of rows of these lengths within the token budget (`self.budget`,
+        lowered on device OOM); a row that does not fit alone is a `too_large_for_device` reject (described
+        by `what(row)`), or raises when `rejects` is None."""
         too_large = self._too_large(rejects, on_batch, what)
-        for idx in token_budget_batches(lengths, self.batch_tokens):
-            split_on_oom(idx, forward, too_large)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        for idx in token_budget_batches(lengths, lambda: self.budget.tokens):
+            split_on_oom(idx, lengths, forward, self.budget, too_large)
 
     def device_detail(self, what: str, error: str) -> str:
         """Why a row was not embedded: its size, the model's dtype and device, the device's memory."""

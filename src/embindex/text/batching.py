@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 
-def token_budget_batches(lengths: Sequence[int], batch_tokens: int, max_rows: int = 4096) -> Iterator[np.ndarray]:
-    """Yield index arrays, longest first; each batch's rows x longest row <= batch_tokens.
+def token_budget_batches(lengths: Sequence[int], batch_tokens: int | Callable[[], int],
+                         max_rows: int = 4096) -> Iterator[np.ndarray]:
+    """Yield index arrays, longest first; each batch's rows x longest row <= batch_tokens (a callable is
+    read again for every batch: a budget that changes while the batches run).
 
     A row longer than the budget forms a batch of its own (it still has to be embedded).
     """
+    budget = batch_tokens if callable(batch_tokens) else (lambda: batch_tokens)
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.size == 0:
         return
@@ -20,7 +23,7 @@ def token_budget_batches(lengths: Sequence[int], batch_tokens: int, max_rows: in
     n = len(order)
     while start < n:
         longest = max(int(lengths[order[start]]), 1)
-        rows = max(1, min(batch_tokens // longest, max_rows))
+        rows = max(1, min(budget() // longest, max_rows))
         yield order[start : start + rows]
         start += rows
 
