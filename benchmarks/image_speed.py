@@ -45,7 +45,7 @@ What it does:
    square and a 12 MP phone-camera size); encoded once up front. The noise makes them somewhat harder to
    decode than typical photos of the same size (more entropy-coded data).
 3. Preprocessing (CPU, this one thread; Pillow, no torch): for each model, every JPEG through
-   `embindex.embed.image_inputs.decode_image` (open + full decode), then the family's `ImageProcessor`
+   `embindex.models.images.decode_image` (open + full decode), then the family's `ImageProcessor`
    (`family.load_image_processor()`: clip = shortest-side bicubic resize to 512 + centre crop + RGB;
    v4 = RGB + Qwen2-VL smart_resize bicubic to multiples of 28 within max_pixels), then the `tobytes()` the
    pipeline does to ship the uint8 pixels -- exactly what the pipeline's CPU tasks do per image row
@@ -363,7 +363,7 @@ def make_jpegs(n: int, sizes: list[tuple[int, int]], seed: int) -> list[dict[str
 
 def measure_prep(processor: Any, jpegs: list[dict[str, Any]], passes: int) -> dict[str, Any]:
     """Per image: decode_image (CPU s), processor (CPU s), tobytes (CPU s); best pass by total CPU time."""
-    from embindex.embed.image_inputs import decode_image
+    from embindex.models.images import decode_image
 
     best: dict[str, Any] | None = None
     prepared: list[np.ndarray] = []

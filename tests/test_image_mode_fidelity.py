@@ -13,7 +13,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from embindex.embed.image_inputs import decode_image, pixels_of, prepare_image_rows
+from embindex.embed.image_inputs import pixels_of, prepare_image_rows
+from embindex.models.images import decode_image
 from embindex.models import ModelSpec, load_family
 
 FIX = Path(__file__).parent / "fixtures"

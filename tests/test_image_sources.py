@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from embindex.config import SourceConfig
-from embindex.embed.image_inputs import decode_image, open_image, pixels_of, prepare_image_rows
+from embindex.embed.image_inputs import pixels_of, prepare_image_rows
+from embindex.models.images import decode_image, open_image
 from embindex.models.base import ImageProcessor
 from embindex.sources.fragments import read_fragment
 from embindex.sources.normalize import Reasons

@@ -1,4 +1,4 @@
-"""Image rows on CPU tasks: decode (Pillow), guard against broken or oversized images, and turn each
+"""Image rows on CPU tasks: decode (`models.images`, guarded against broken or oversized images), and turn each
 image into the model's prepared uint8 pixels (`ImageProcessor`). A bad image becomes a reject with a
 reason here, never an exception in an embed actor.
 
@@ -8,8 +8,6 @@ value; normalization and patching happen in the encoder.
 
 from __future__ import annotations
 
-import io
-import os
 from typing import Any
 
 import numpy as np
@@ -17,66 +15,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..models.base import ImageNotSupported, ImageProcessor
+from ..models.images import ImageRejected, decode_image
 from ..sources.normalize import Reasons, with_rejects
 
 PIXEL_COLUMNS = ("pixels", "height", "width")
-# raster formats only: Pillow would otherwise also open e.g. EPS (which runs Ghostscript on the data)
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG also opens MPO (phones)
-
-
-class ImageRejected(ValueError):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
-
-
-def decode_image(data: bytes, max_pixels: int) -> Any:
-    """Encoded bytes -> a fully loaded RGB PIL image; ImageRejected when unreadable, truncated or too large.
-
-    RGB right after decoding, before any resize, as the reference `encode_image` of jina-clip-v2 and
-    jina-embeddings-v4 load a file (`Image.open(f).convert('RGB')`): alpha is dropped, not composited."""
-    from PIL import Image
-
-    try:
-        im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-        w, h = im.size
-    except Image.DecompressionBombError as e:
-        raise ImageRejected(Reasons.IMAGE_TOO_LARGE, str(e)) from None
-    except Exception as e:  # noqa: BLE001 - any decoder failure is a reject, never a crashed worker
-        raise ImageRejected(Reasons.IMAGE_UNREADABLE, f"not a readable {'/'.join(IMAGE_FORMATS)} image "
-                            f"({type(e).__name__}: {e})") from None
-    if w * h > max_pixels:
-        raise ImageRejected(Reasons.IMAGE_TOO_LARGE, f"image is {w}x{h} = {w * h} pixels > max_image_pixels "
-                            f"{max_pixels}")
-    if w == 0 or h == 0:
-        raise ImageRejected(Reasons.IMAGE_UNREADABLE, f"image has no pixels ({w}x{h})")
-    try:
-        im.load()
-    except Image.DecompressionBombError as e:
-        raise ImageRejected(Reasons.IMAGE_TOO_LARGE, str(e)) from None
-    except Exception as e:  # noqa: BLE001 - truncated or corrupt data
-        raise ImageRejected(Reasons.IMAGE_UNREADABLE, f"cannot decode {im.format or 'image'} "
-                            f"({type(e).__name__}: {e})") from None
-    try:
-        return im.convert("RGB")
-    except (ValueError, OSError) as e:  # a mode Pillow cannot convert
-        raise ImageRejected(Reasons.IMAGE_UNREADABLE, f"cannot convert the {im.mode} image to RGB "
-                            f"({type(e).__name__}: {e})") from None
-
-
-def open_image(image: Any, max_pixels: int = 64_000_000) -> Any:
-    """A query image given as a PIL image, encoded bytes or a local path -> a loaded PIL image."""
-    if hasattr(image, "convert") and hasattr(image, "size"):
-        return image
-    if isinstance(image, (str, os.PathLike)):
-        with open(image, "rb") as f:
-            image = f.read()
-    if isinstance(image, (bytes, bytearray)):
-        try:
-            return decode_image(bytes(image), max_pixels)
-        except ImageRejected as e:
-            raise ValueError(e.detail) from None
-    raise TypeError(f"an image must be a PIL image, bytes or a path, got {type(image).__name__}")
 
 
 def prepare(processor: ImageProcessor, image: Any) -> np.ndarray:

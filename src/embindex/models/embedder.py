@@ -296,7 +296,7 @@ class Embedder:
 
     def prepare_images(self, images: Sequence[Any]) -> list[np.ndarray]:
         """PIL images, encoded bytes or local paths -> the model's prepared uint8 pixels."""
-        from ..embed.image_inputs import open_image
+        from .images import open_image
 
         return [self.image_processor(open_image(x)) for x in images]
 

@@ -46,7 +46,8 @@ from .base import (ModelError, check_no_meta_tensors, load_checked_state, load_t
                    read_json)
 from .jina_embeddings_v4 import base_key  # Qwen-VL key layouts (legacy / transformers >= 4.52) -> 5.x names
 from .qwen2_vl_images import QwenVLImageConfig, QwenVLImageProcessor, flatten_patches, load_vl_config
-from .reranker import RerankDoc, Reranker, RerankerInfo, decode_image
+from .images import load_upright_rgb
+from .reranker import RerankDoc, Reranker, RerankerInfo
 
 SCORE_TOKEN_ID = 100
 LOGIT_BIAS = 2.65
@@ -230,7 +231,7 @@ class JinaRerankerM0(Reranker):
 
     def prepare_image(self, image: Any) -> np.ndarray:
         """A PIL image, local path or encoded bytes -> smart-resized RGB uint8 [H, W, 3]."""
-        return self.image_processor(decode_image(image))
+        return self.image_processor(load_upright_rgb(image))
 
     def image_span(self, pixels: np.ndarray) -> list[int]:
         """`<|vision_start|>`, one `<|image_pad|>` per merged patch, `<|vision_end|>`."""

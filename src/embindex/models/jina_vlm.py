@@ -55,7 +55,7 @@ from .generator import Generation, GenerationInput, Generator, GeneratorInfo, gr
 from .jina_vlm_processor import (IMAGE_PROMPT, IMAGE_TOKENS, ImageLayout, JinaVLMImageConfig, JinaVLMImageProcessor,
                                  PromptBatch, PromptInput, build_prompt, chat_prompt, collate,
                                  image_token_count, prompt_token_ids)
-from .reranker import decode_image
+from .images import load_upright_rgb
 
 ARCHITECTURE = "JinaVLMForConditionalGeneration"
 DEFAULT_PROMPT = "Describe this image"
@@ -524,7 +524,7 @@ class JinaVLM(Generator):
             ids, _ = prompt_token_ids(self.tok, text, False, self.always_start_with_space)
             return Prepared(ids, -1, None, None, len(ids) + 1)
         try:
-            image = decode_image(inp.image)
+            image = load_upright_rgb(inp.image)
         except Exception as e:  # noqa: BLE001 - any decoder failure is this input's reject
             return f"image_decode_error: {type(e).__name__}: {e}"[:300]
         try:

@@ -9,7 +9,6 @@ candidates. A query the model cannot take (empty, wrong modality) raises `Rerank
 
 from __future__ import annotations
 
-import io
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from .base import ModelError, checkpoint_hash, pick_device, resolve_dtype
+from .images import load_upright_rgb
 
 
 class RerankInputError(ValueError):
@@ -69,22 +69,6 @@ def as_doc(x: str | RerankDoc | Any) -> RerankDoc:
     return RerankDoc(image=x)
 
 
-def decode_image(image: Any) -> Any:
-    """PIL image, encoded bytes or a local path -> upright RGB PIL image (raises on undecodable data)."""
-    from PIL import Image, ImageOps
-
-    if isinstance(image, Image.Image):
-        img = image
-    elif isinstance(image, (bytes, bytearray, memoryview)):
-        img = Image.open(io.BytesIO(bytes(image)))
-    elif isinstance(image, (str, os.PathLike)):
-        img = Image.open(image)
-    else:
-        raise TypeError(f"not an image: {type(image).__name__}")
-    img.load()
-    return ImageOps.exif_transpose(img).convert("RGB")  # camera rotation applied, as transformers' load_image
-
-
 class Reranker(ABC):
     """A registered reranker family loaded from a local checkpoint directory."""
 
@@ -125,7 +109,7 @@ class Reranker(ABC):
             if "image" not in self.modalities:
                 return f"unsupported_modality: {self.name} takes no images"
             try:
-                return RerankDoc(image=decode_image(doc.image))
+                return RerankDoc(image=load_upright_rgb(doc.image))
             except Exception as e:  # noqa: BLE001 - any decoder failure is this candidate's reject
                 return f"image_decode_error: {type(e).__name__}: {e}"[:300]
         if doc.text is None or not doc.text.strip():
