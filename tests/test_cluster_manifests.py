@@ -236,7 +236,7 @@ def test_nightly_reindex_cronjob():
     assert binding["subjects"][0]["name"] == sa and binding["roleRef"]["name"] == role["metadata"]["name"]
     rules = [r for r in role["rules"] if "ray.io" in r["apiGroups"] and "rayjobs" in r["resources"]]
     assert rules and {"create", "get"} <= set(rules[0]["verbs"])
-    # the reindex command is a later issue: the schedule says so where it runs the rebuild
+    # the nightly schedule runs the incremental reindex
     text = (CLUSTER / "reindex-cronjob.yaml").read_text()
     assert "embindex reindex" in text
 

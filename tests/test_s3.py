@@ -118,3 +118,25 @@ def test_gz_jsonl_from_s3(ray_cluster, s3_bucket, tmp_path):
     cfg = job_config(f"s3://{bucket}/c/docs.jsonl.gz", str(tmp_path / "idx"), source={"storage": opts})
     result = embindex.build(cfg, log=None)
     assert result.counts["documents"] == 30 and result.counts["rejected"] == 0
+
+
+def test_checkpoint_files_and_hash_count_pickled_weights_only_where_they_are_loaded(tmp_path, monkeypatch):
+    """A sentence-transformers Dense head saved as pytorch_model.bin is fetched and fingerprinted; a .bin
+    beside safetensors (a duplicate the loader never reads) is neither."""
+    from embindex.checkpoints import checkpoint_files, default_cache_dir
+    from embindex.models.base import checkpoint_hash
+
+    paths = ["m/config.json", "m/model.safetensors", "m/pytorch_model.bin", "m/2_Dense/config.json",
+             "m/2_Dense/pytorch_model.bin", "m/notes.md"]
+    assert checkpoint_files(paths) == ["m/config.json", "m/model.safetensors", "m/2_Dense/config.json",
+                                       "m/2_Dense/pytorch_model.bin"]
+    for p in paths:
+        (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / p).write_bytes(p.encode())
+    before = checkpoint_hash(str(tmp_path / "m"))
+    (tmp_path / "m/pytorch_model.bin").write_bytes(b"other")  # not loaded: same hash
+    assert checkpoint_hash(str(tmp_path / "m")) == before
+    (tmp_path / "m/2_Dense/pytorch_model.bin").write_bytes(b"other")  # the Dense weights: a new hash
+    assert checkpoint_hash(str(tmp_path / "m")) != before
+    monkeypatch.setenv("EMBINDEX_CACHE", str(tmp_path / "cache"))  # one root: models/ beside the tier cache's tiers/
+    assert default_cache_dir() == str(tmp_path / "cache" / "models")

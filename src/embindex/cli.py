@@ -1,4 +1,4 @@
-"""`embindex build | reindex | compact | search | retrieve | inspect | export`."""
+"""`embindex build | reindex | compact | search | retrieve | inspect | export | config`."""
 
 from __future__ import annotations
 
@@ -253,7 +253,7 @@ def export_cmd(
                                           "index (Elasticsearch rank_vectors; default on there)"),
     recall_target: Optional[float] = typer.Option(None, "--recall-target", help="for the default width"),
     opt: List[str] = typer.Option([], "--opt", help="target setting KEY=VALUE (repeatable), e.g. "
-                                  "index_options=bbq_hnsw, oversample=3, m=16, num_partitions=256"),
+                                  "index_type=bbq_hnsw, oversample=3, m=16, num_partitions=256"),
     use_ray: bool = typer.Option(False, "--ray", help="one Ray task per shard (also when RAY_ADDRESS is set)"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to run the shard tasks on"),
     quiet: bool = QUIET_OPT,

@@ -1,11 +1,13 @@
-"""On-disk layout of an index (a contract):
+"""On-disk layout of an index (a contract; the whole list, with the tier layouts, in docs/manifest.md):
 
     INDEX_URI/
-      _latest                          current version name, switched last
-      versions/v000001/manifest.json
-      shards/<run_id>/part-*.parquet   documents with full-width vectors (immutable)
+      _latest                          current version name, switched last (compare-and-swap)
+      versions/v000001/manifest.json   created only if absent: claims the version number
+      shards/<run_id>/part-*.parquet   documents with full-width vectors (immutable once published)
       shards/<run_id>/rejects-*.parquet
-      shards/<run_id>/tier-<dim>.faiss one FAISS index per Matryoshka tier
+      shards/<run_id>/_commits/        one marker per committed fragment (resume, reconcile)
+      shards/<run_id>/_run.json        the run's kind, base, fingerprint; _published.json once published
+      shards/<run_id>/tier-<dim>...    one FAISS index per Matryoshka tier (single file, sharded or on-disk IVF)
       shards/<run_id>/tokens.faiss     multi-vector outputs: token vectors -> row ordinal
 """
 

@@ -1,4 +1,4 @@
-"""manifest.json: what a version holds and where (a contract, see DESIGN.md §3)."""
+"""manifest.json: what a version holds and where (a contract; every field in docs/manifest.md)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,10 @@
 
 A shard holds documents or chunks (id, chunk, start, end, content_hash, meta, source, modality (text |
 image), vector as fixed_size_list<float16>[dim], token_vectors as list<fixed_size_list<float16>[d]> for
-multi-vector, and with `index.store_content` the content: text and encoded image); a rejects file holds rows that were not indexed, with their reason. Each write is one whole-object
-PUT (or temp file + rename), named by a digest of its ids, and returns a record for the manifest.
+multi-vector, and with `index.store_content` the content: text and encoded image); a rejects file holds
+rows that were not indexed, with their reason. Each write is one whole-object PUT (or temp file + rename),
+named by the fragment's id (so a retried fragment overwrites its own files), and returns a record for the
+manifest.
 """
 
 from __future__ import annotations

@@ -353,12 +353,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def checkpoint_hash(path: str, patterns: Sequence[str] = (".json", ".safetensors", ".txt", ".model")) -> str:
-    """sha256 over the checkpoint's config, tokenizer and weight files (names and contents)."""
+    """sha256 over the checkpoint's config, tokenizer and weight files (names and contents): a
+    `pytorch_model.bin` counts where its folder has no safetensors (then it is what gets loaded)."""
     h = hashlib.sha256()
     for root, dirs, files in os.walk(path):
         dirs.sort()
+        pickled_weights = not any(f.endswith(".safetensors") for f in files)
         for name in sorted(files):
-            if not name.endswith(tuple(patterns)):
+            if not (name.endswith(tuple(patterns)) or (pickled_weights and name == "pytorch_model.bin")):
                 continue
             full = os.path.join(root, name)
             h.update(os.path.relpath(full, path).encode())
