@@ -119,6 +119,13 @@ class TextTokenizer(ABC):
         return type(self).encode_with_offsets is not TextTokenizer.encode_with_offsets
 
 
+def batch_ids(tok: Any, texts: Sequence[str], add_special_tokens: bool = True) -> list[np.ndarray]:
+    """Token ids of each text from a `tokenizers.Tokenizer`: `encode_batch_fast` (no character offsets
+    computed; the same ids as `encode_batch`, about 20% less CPU), int32 arrays."""
+    encs = tok.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)
+    return [np.asarray(e.ids, dtype=np.int32) for e in encs]
+
+
 class PrefixTokenizer(TextTokenizer):
     """A `tokenizers.Tokenizer` (truncation on at `max_length`) behind a role/task-dependent text prefix:
     subclasses set `tok`, `max_length`, `pad_token_id` and define `prefix`."""
@@ -132,8 +139,7 @@ class PrefixTokenizer(TextTokenizer):
 
     def __call__(self, texts: Sequence[str], role: Role, task: str | None = None) -> list[np.ndarray]:
         prefix = self.prefix(role, task)
-        encs = self.tok.encode_batch([prefix + t for t in texts], add_special_tokens=self.add_special_tokens)
-        return [np.asarray(e.ids, dtype=np.int32) for e in encs]
+        return batch_ids(self.tok, [prefix + t for t in texts], self.add_special_tokens)
 
     def encode_with_offsets(self, text: str, role: Role, task: str | None = None,
                             truncate: bool = True) -> TokenizedText:

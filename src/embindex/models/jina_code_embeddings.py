@@ -35,6 +35,7 @@ from .base import (
     Role,
     TextEncoder,
     TextTokenizer,
+    batch_ids,
     last_token_pool,
     load_checked_state,
     load_tokenizer_file,
@@ -112,8 +113,7 @@ class JinaCodeTokenizer(TextTokenizer):
 
     def __call__(self, texts: Sequence[str], role: Role, task: str | None = None) -> list[np.ndarray]:
         prefix = task_prefix(task if task is not None else self.default_task, role)
-        encs = self.tok.encode_batch([prefix + t for t in texts], add_special_tokens=True)
-        return [np.asarray(e.ids, dtype=np.int32) for e in encs]
+        return batch_ids(self.tok, [prefix + t for t in texts])
 
 
 def _token_content(tok: Any) -> str | None:

@@ -96,7 +96,7 @@ class ColbertTokenizer(TextTokenizer):
             raise ModelError(f"jina-colbert-v2 takes no task (got {task!r})")
         if role == "query":
             out = []
-            for enc in self.q_tok.encode_batch(list(texts)):
+            for enc in self.q_tok.encode_batch_fast(list(texts)):
                 ids = enc.ids
                 if self.expand:
                     ids = ids + [self.mask_token_id] * (self.query_length - 1 - len(ids))
@@ -104,7 +104,7 @@ class ColbertTokenizer(TextTokenizer):
             return out
         return [
             np.asarray(e.ids[:1] + [self.document_marker_id] + e.ids[1:], dtype=np.int32)
-            for e in self.d_tok.encode_batch(list(texts))
+            for e in self.d_tok.encode_batch_fast(list(texts))
         ]
 
 

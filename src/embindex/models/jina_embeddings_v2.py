@@ -41,6 +41,7 @@ from .base import (
     TextEncoder,
     TextTokenizer,
     TokenizedText,
+    batch_ids,
     leading_prefix_tokens,
     load_checked_state,
     load_tokenizer_file,
@@ -412,8 +413,7 @@ class JinaBertTokenizer(TextTokenizer):
     def __call__(self, texts: Sequence[str], role: Role, task: str | None = None) -> list[np.ndarray]:
         if task is not None:
             raise ModelError(f"jina-embeddings-v2 takes no task (got {task!r})")
-        encs = self.tok.encode_batch(list(texts), add_special_tokens=True)
-        return [np.asarray(e.ids, dtype=np.int32) for e in encs]
+        return batch_ids(self.tok, texts)
 
     def encode_with_offsets(self, text: str, role: Role, task: str | None = None,
                             truncate: bool = True) -> TokenizedText:
