@@ -1,7 +1,13 @@
 """Any Hugging Face encoder (BERT, MiniLM, RoBERTa, E5, BGE, ...) with sentence-transformers conventions.
 
-Pooling, max length and role prompts are read from the checkpoint's sentence-transformers files when
-present (`1_Pooling/config.json`, `sentence_bert_config.json`, `config_sentence_transformers.json`).
+A sentence-transformers checkpoint (one with `modules.json`) is embedded as sentence-transformers embeds it:
+its module list in order (see `st_modules`), its max length and lowercasing (`sentence_bert_config.json`,
+else the tokenizer's `model_max_length`) and its role prompts (`config_sentence_transformers.json`).
+Without `modules.json` it is a plain AutoModel with the configured pooling (auto: `1_Pooling/config.json`
+if present, else mean).
+
+`forward_pooled` returns what `SentenceTransformer.encode` returns (normalized only when the checkpoint
+ends with a Normalize module); the Embedder L2-normalizes every vector for the index afterwards.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import st_modules
 from .base import (
     read_config,
     read_json,
@@ -30,31 +37,29 @@ from .base import (
 )
 
 
-
 def _st_pooling(path: str) -> str | None:
-    """Pooling mode declared by a sentence-transformers checkpoint, if any."""
-    modules = read_json(os.path.join(path, "modules.json")) or []
-    pool_dirs = [m.get("path", "") for m in modules if m.get("type", "").endswith("Pooling")]
-    for d in pool_dirs or ["1_Pooling"]:
-        cfg = read_json(os.path.join(path, d, "config.json"))
-        if not cfg:
-            continue
-        if cfg.get("pooling_mode_cls_token"):
-            return "cls"
-        if cfg.get("pooling_mode_lasttoken"):
-            return "last"
-        if cfg.get("pooling_mode_mean_tokens"):
-            return "mean"
-        if cfg.get("pooling_mode"):
-            return {"lasttoken": "last", "cls": "cls", "mean": "mean"}.get(cfg["pooling_mode"])
+    """Pooling mode of a checkpoint without modules.json that still has a `1_Pooling/config.json`."""
+    cfg = read_json(os.path.join(path, "1_Pooling", "config.json"))
+    if not cfg:
+        return None
+    if cfg.get("pooling_mode_cls_token"):
+        return "cls"
+    if cfg.get("pooling_mode_lasttoken"):
+        return "last"
+    if cfg.get("pooling_mode_mean_tokens"):
+        return "mean"
+    if cfg.get("pooling_mode"):
+        return {"lasttoken": "last", "cls": "cls", "mean": "mean"}.get(cfg["pooling_mode"])
     return None
 
 
 class HFTokenizer(TextTokenizer):
-    def __init__(self, path: str, max_length: int, prompts: dict[str, str]):
+    def __init__(self, path: str, max_length: int, prompts: dict[str, str], do_lower_case: bool = False):
         from transformers import AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if do_lower_case:
+            _add_lowercase(self.tok)
         self.max_length = max_length
         self.prompts = prompts
         pad = self.tok.pad_token_id
@@ -74,9 +79,36 @@ class HFTokenizer(TextTokenizer):
         offsets = text_offsets(enc["offset_mapping"], enc["special_tokens_mask"], len(prefix))
         return TokenizedText(np.asarray(enc["input_ids"], dtype=np.int32), offsets, leading_prefix_tokens(offsets))
 
+    def prompt_prefix(self, prompt: str) -> st_modules.PromptPrefix:
+        """The prompt's leading ids as sentence-transformers counts them (its prompt_length)."""
+        ids = list(self.tok(prompt, truncation=True, max_length=self.max_length, add_special_tokens=True)["input_ids"])
+        special = set(self.tok.all_special_ids)
+        if ids and ids[-1] in special:
+            ids = ids[:-1]
+        loose = bool(ids) and ids[-1] not in special and self.tok.decode([ids[-1]]).strip() == ""
+        return st_modules.PromptPrefix(tuple(int(i) for i in ids), loose)
+
+
+def _add_lowercase(tok) -> None:
+    """sentence-transformers' do_lower_case: a Lowercase normalizer first, unless one is there."""
+    from tokenizers.normalizers import Lowercase, Sequence as NormalizerSequence
+
+    backend = tok.backend_tokenizer
+    norm = backend.normalizer
+    present = isinstance(norm, Lowercase) or (
+        isinstance(norm, NormalizerSequence) and any(isinstance(n, Lowercase) for n in norm))
+    if not present:
+        rest = list(norm) if isinstance(norm, NormalizerSequence) else ([norm] if norm is not None else [])
+        backend.normalizer = NormalizerSequence([Lowercase(), *rest])
+
 
 class HFEncoder(TextEncoder):
-    def __init__(self, path: str, pooling: str, device: torch.device, dtype: torch.dtype):
+    """AutoModel + pooling; with `pipeline`, the sentence-transformers modules after the transformer
+    (`prompts`: the role prompts whose tokens a Pooling with include_prompt=false leaves out)."""
+
+    def __init__(self, path: str, pooling: str, device: torch.device, dtype: torch.dtype,
+                 pipeline: st_modules.STPipeline | None = None,
+                 prompts: Sequence[st_modules.PromptPrefix] = ()):
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 
@@ -84,20 +116,44 @@ class HFEncoder(TextEncoder):
         self.device, self.dtype = device, dtype
         self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
         self.model.to(device).eval()
-        self.pool = POOLERS[pooling]
+        self.pool = POOLERS.get(pooling)
+        self.modules = st_modules.build_modules(pipeline).to(device) if pipeline is not None else None
+        self.prompts = tuple(prompts)
 
     @torch.inference_mode()
+    def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+        return out.last_hidden_state
+
+    @torch.inference_mode()
+    def _st_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     until_pooling: bool = False) -> dict[str, torch.Tensor]:
+        assert self.modules is not None
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        features = {"token_embeddings": self._hidden(input_ids, attention_mask).float(),
+                    "attention_mask": attention_mask}
+        if self.prompts:
+            features["prompt_length"] = st_modules.prompt_lengths(self.prompts, input_ids, attention_mask)
+        for module in self.modules:
+            if until_pooling and isinstance(module, st_modules.Pooling):
+                break
+            features = module(features)
+        return features
+
     def forward_token_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None
     ) -> torch.Tensor:
-        out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
-        return out.last_hidden_state
+        if self.modules is None:
+            return self._hidden(input_ids, attention_mask)
+        return self._st_features(input_ids, attention_mask, until_pooling=True)["token_embeddings"]
 
     def forward_pooled(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None
     ) -> torch.Tensor:
-        hidden = self.forward_token_states(input_ids, attention_mask, task)
-        return self.pool(hidden, attention_mask.to(self.device))
+        if self.modules is None:
+            hidden = self.forward_token_states(input_ids, attention_mask, task)
+            return self.pool(hidden, attention_mask.to(self.device))
+        return self._st_features(input_ids, attention_mask)["sentence_embedding"].float()
 
 
 class HFEncoderFamily(ModelFamily):
@@ -110,40 +166,59 @@ class HFEncoderFamily(ModelFamily):
         self.config = read_config(spec.path)
         if spec.task is not None:
             raise ModelError(f"model family 'hf-encoder' takes no task (got {spec.task!r})")
-        pooling = spec.pooling if spec.pooling != "auto" else (_st_pooling(spec.path) or "mean")
-        if pooling not in POOLERS:
-            raise ModelError(f"unknown pooling {pooling!r}; choose one of {sorted(POOLERS)}")
-        self.pooling = pooling
-        st_cfg = read_json(os.path.join(spec.path, "sentence_bert_config.json")) or {}
+        if self.config.get("is_encoder_decoder"):
+            raise ModelError(f"{spec.path}: encoder-decoder checkpoints ({self.config.get('model_type')}) are not "
+                             "supported by hf-encoder")
+        hidden = int(self.config.get("hidden_size") or self.config.get("d_model") or 0)
+        if not hidden:
+            raise ModelError(f"{spec.path}/config.json has no hidden_size")
+        if spec.pooling != "auto" and spec.pooling not in POOLERS:
+            raise ModelError(f"unknown pooling {spec.pooling!r}; choose one of {sorted(POOLERS)}")
         arch_max = int(self.config.get("max_position_embeddings", 512))
         if self.config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
             arch_max -= 2  # positions start after padding_idx
-        default_max = int(st_cfg.get("max_seq_length") or arch_max)
+        self.pipeline = st_modules.read_pipeline(spec.path, hidden, None if spec.pooling == "auto" else spec.pooling)
+        if self.pipeline is not None:
+            self.pooling, self.dim = self.pipeline.pooling_name, self.pipeline.dim
+            tok_cfg = read_json(os.path.join(spec.path, "tokenizer_config.json")) or {}
+            default_max = self.pipeline.max_length or min(int(tok_cfg.get("model_max_length") or arch_max), arch_max)
+        else:
+            self.pooling = spec.pooling if spec.pooling != "auto" else (_st_pooling(spec.path) or "mean")
+            self.dim = hidden
+            st_cfg = read_json(os.path.join(spec.path, "sentence_bert_config.json")) or {}
+            default_max = int(st_cfg.get("max_seq_length") or arch_max)
         self.max_length = int(spec.max_length or default_max)
         if self.max_length > arch_max:
             raise ModelError(f"model.max_length {self.max_length} exceeds the model's {arch_max} positions")
-        st = read_json(os.path.join(spec.path, "config_sentence_transformers.json")) or {}
-        prompts = dict(st.get("prompts") or {})
-        if "document" not in prompts and "passage" in prompts:
-            prompts["document"] = prompts["passage"]
-        self.prompts = {r: prompts.get(r, "") for r in ("query", "document") if prompts.get(r)}
-        self.dim = int(self.config.get("hidden_size") or self.config.get("d_model") or 0)
-        if not self.dim:
-            raise ModelError(f"{spec.path}/config.json has no hidden_size")
+        self.st_config = read_json(os.path.join(spec.path, "config_sentence_transformers.json")) or {}
+        try:
+            prompts = st_modules.role_prompts(self.st_config)
+        except ModelError as e:
+            raise ModelError(f"{spec.path}/config_sentence_transformers.json: {e}") from None
+        self.prompts = {r: p for r, p in prompts.items() if p}
 
     def info(self) -> ModelInfo:
+        extra = {"model_type": self.config.get("model_type")}
+        if self.pipeline is not None:
+            extra["similarity_fn_name"] = self.st_config.get("similarity_fn_name")
         return ModelInfo(
             family=self.name,
             dim=self.dim,
             max_length=self.max_length,
             pooling=self.pooling,
             prefixes=self.prompts,
-            extra={"model_type": self.config.get("model_type")},
+            extra=extra,
         )
 
     def load_tokenizer(self) -> HFTokenizer:
-        return HFTokenizer(self.spec.path, self.max_length, self.prompts)
+        lower = self.pipeline is not None and self.pipeline.do_lower_case
+        return HFTokenizer(self.spec.path, self.max_length, self.prompts, do_lower_case=lower)
 
     def load_encoder(self, device: str | torch.device | None = None) -> HFEncoder:
         dev = pick_device(device)
-        return HFEncoder(self.spec.path, self.pooling, dev, resolve_dtype(self.spec.dtype, dev))
+        prefixes: list[st_modules.PromptPrefix] = []
+        if self.pipeline is not None and self.pipeline.excludes_prompt and self.prompts:
+            tok = self.load_tokenizer()
+            prefixes = [tok.prompt_prefix(p) for p in sorted(set(self.prompts.values()))]
+        return HFEncoder(self.spec.path, self.pooling, dev, resolve_dtype(self.spec.dtype, dev),
+                         self.pipeline, prefixes)
