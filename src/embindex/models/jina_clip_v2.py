@@ -5,7 +5,8 @@ remote code, from safetensors only:
 
 * `text_model.transformer.roberta.*` -- the jina-embeddings-v3 backbone (`jina_xlmr`), with the Jina LoRA
   parametrization; the checkpoint carries ONE adaptation (`text_config.hf_model_config_kwargs.lora_adaptations`,
-  "retrieval.query"), applied to EVERY text row (`text_config.default_lora_task`), scaling lora_alpha / lora_rank.
+  "retrieval.query"), loaded as a peft LoRA adapter and applied to EVERY text row (`text_config.default_lora_task`),
+  scaling lora_alpha / lora_rank.
   The real config does not carry the backbone sizes (they live in the config of `hf_model_name_or_path`,
   jinaai/jina-embeddings-v3, which is not read here), so they are derived from the safetensors headers:
   vocab_size / hidden_size from the word-embedding matrix, num_hidden_layers from the `encoder.layers.N`
@@ -271,13 +272,12 @@ class JinaClipV2ImageProcessor(ImageProcessor):
 class JinaClipV2Encoder(TextEncoder):
     """Text tower (v3 backbone + the one LoRA on every row, mean pooling) and EVA02 vision tower."""
 
-    def __init__(self, backbone: JinaXLMRBackbone, vision: EVA02VisionTransformer, task: str, lora_index: int,
+    def __init__(self, backbone: JinaXLMRBackbone, vision: EVA02VisionTransformer, task: str,
                  mean: Sequence[float], std: Sequence[float], logit_scale: torch.Tensor | None,
                  device: torch.device, dtype: torch.dtype):
         self.backbone = backbone
         self.vision = vision
-        self.task = task
-        self.lora_index = lora_index
+        self.task = task  # the LoRA task of every text row
         self.device, self.dtype = device, dtype
         self.mean = torch.tensor(list(mean), dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(list(std), dtype=torch.float32, device=device).view(1, 3, 1, 1)
@@ -290,7 +290,7 @@ class JinaClipV2Encoder(TextEncoder):
     ) -> torch.Tensor:
         """[B, L] -> [B, L, H] last hidden states (model dtype), retrieval.query LoRA on every row."""
         _check_task(task, self.task)
-        return self.backbone(input_ids.to(self.device), attention_mask.to(self.device), self.lora_index)
+        return self.backbone(input_ids.to(self.device), attention_mask.to(self.device), self.task)
 
     @torch.inference_mode()
     def forward_pooled(
@@ -516,5 +516,4 @@ class JinaClipV2Family(ModelFamily):
         text, vision_t, logit_scale = self._split(load_safetensors(self.spec.path))
         backbone, _ = build_backbone(self.spec.path, self.cfg, dev, dtype, tensors=text, **self._lora_kwargs())
         vision = build_eva02(self.vcfg, vision_t, dev, dtype, f"{self.spec.path}: vision_model")
-        return JinaClipV2Encoder(backbone, vision, self.task, self.lora_tasks.index(self.task), self.mean, self.std,
-                                 logit_scale, dev, dtype)
+        return JinaClipV2Encoder(backbone, vision, self.task, self.mean, self.std, logit_scale, dev, dtype)

@@ -3,9 +3,9 @@
 Loads the ORIGINAL `jinaai/jina-embeddings-v3` checkpoint layout (see `jina_xlmr`) without remote code.
 
 Tasks (config `lora_adaptations`): retrieval.query, retrieval.passage, separation, classification,
-text-matching. The actor holds ONE copy of the base weights whatever the task: each task is a low-rank
-delta added at run time (`jina_xlmr.StackedLoRA`), chosen per forward call (`task`), or per row when
-`task` is a list of task names (mixed-task batch). The special task `"none"` (`NO_TASK`) means the base
+text-matching. The actor holds ONE copy of the base weights whatever the task: each task is a peft LoRA
+adapter (see `jina_xlmr` / `lora`), chosen per forward call (`task`), or per row when `task` is a list of
+task names (mixed-task batch, peft's `adapter_names`). The special task `"none"` (`NO_TASK`) means the base
 weights without LoRA and without an instruction prefix (the reference's `adapter_mask=None`); it must be
 asked for explicitly — `task=None` with no `spec.task` is an error, because v3 without a task is rarely
 what one wants.
@@ -114,17 +114,15 @@ class JinaV3Encoder(TextEncoder):
         self.default_task = default_task
         self.device, self.dtype = device, dtype
 
-    def task_ids(self, task: str | Sequence[str] | None, batch: int) -> int | torch.Tensor | None:
-        """Task name(s) -> None (base), one LoRA index, or a [batch] index tensor (-1 = base)."""
+    def lora_tasks(self, task: str | Sequence[str] | None, batch: int) -> str | list[str | None] | None:
+        """Task name(s) -> the backbone's LoRA choice: None (base), one task, or one task per row (None = base)."""
         if task is None or isinstance(task, str):
             t = _resolve_task(task, self.default_task, self.tasks)
-            return None if t == NO_TASK else self.tasks.index(t)
-        names = list(task)
+            return None if t == NO_TASK else t
+        names = [_resolve_task(n, self.default_task, self.tasks) for n in task]
         if len(names) != batch:
             raise ModelError(f"got {len(names)} per-row tasks for a batch of {batch} rows")
-        ids = [-1 if (t := _resolve_task(n, self.default_task, self.tasks)) == NO_TASK else self.tasks.index(t)
-               for n in names]
-        return torch.tensor(ids, dtype=torch.long, device=self.device)
+        return [None if t == NO_TASK else t for t in names]
 
     def forward_token_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | Sequence[str] | None = None
@@ -137,7 +135,7 @@ class JinaV3Encoder(TextEncoder):
     ) -> torch.Tensor:
         """[B, L] -> [B, L, H] last hidden states (model dtype); `task` may be a list of per-row tasks."""
         ids = input_ids.to(self.device)
-        return self.backbone(ids, attention_mask.to(self.device), self.task_ids(task, ids.shape[0]))
+        return self.backbone(ids, attention_mask.to(self.device), self.lora_tasks(task, ids.shape[0]))
 
     @torch.inference_mode()
     def forward_pooled(

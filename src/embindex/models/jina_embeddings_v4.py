@@ -10,10 +10,10 @@ Facts (MODELS.md §2; the tiny fixture's README; all [UNVERIFIED] values are rea
 * Adapters (`adapters/adapter_config.json` + `adapter_model.safetensors`): Jina's `MultiAdapterLinear` holds
   one LoRA A/B per task inside one peft adapter (`...<module>.lora_A.<task>.weight`). Here they become one
   ordinary named peft LoRA adapter per task (same r / lora_alpha / use_rslora; target modules = the module
-  paths present in the file, projector included) on ONE copy of the base weights; the adapter is chosen per
-  call (`set_adapter`), or per row when `task` is a list (peft `adapter_names=`). Adapter keys may read
-  `base_model.model.model.language_model.layers...` (peft with transformers >= 4.52) or the older
-  `base_model.model.model.layers...`.
+  paths present in the file, projector included) on ONE copy of the base weights (`lora.attach_task_adapters`);
+  the adapter is chosen per call (peft's active adapter), or per row when `task` is a list (peft
+  `adapter_names=`). Adapter keys may read `base_model.model.model.language_model.layers...` (peft with
+  transformers >= 4.52) or the older `base_model.model.model.layers...`.
 * Text: `f"{prefix}: {text}"`, prefix "Query" for role query and for both roles of text-matching, "Passage"
   for retrieval / code documents; no special tokens; right padding with `<|endoftext|>`. Single vector =
   attention-masked mean of the last hidden state (after the final norm, prefix included), fp32, not normalised.
@@ -53,6 +53,7 @@ from .base import (
     read_json,
     resolve_dtype,
 )
+from .lora import attach_task_adapters
 from .qwen2_vl_images import QwenVLImageConfig, QwenVLImageProcessor, flatten_patches, load_vl_config
 
 DEFAULT_MAX_LENGTH = 8192  # the reference allows 32768; long inputs cost quadratic attention memory
@@ -221,7 +222,6 @@ class JinaV4Encoder(TextEncoder):
     """Qwen2.5-VL + per-task peft LoRA (backbone and projector); text and image inputs."""
 
     def __init__(self, family: JinaEmbeddingsV4Family, device: torch.device, dtype: torch.dtype):
-        from peft import LoraConfig, get_peft_model
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
             Qwen2_5_VLRotaryEmbedding,
             Qwen2_5_VLVisionRotaryEmbedding,
@@ -244,50 +244,27 @@ class JinaV4Encoder(TextEncoder):
         check_no_meta_tensors(module, path)
 
         acfg, loras, targets = _read_adapters(path, module, self.tasks, load=True)
-        lora_config = LoraConfig(
-            r=int(acfg["r"]), lora_alpha=acfg["lora_alpha"], use_rslora=bool(acfg.get("use_rslora", False)),
-            target_modules=targets, lora_dropout=0.0, bias="none", init_lora_weights=False,
-            inference_mode=True,
-        )
         self.lora_r, self.lora_alpha = int(acfg["r"]), float(acfg["lora_alpha"])
-        self.peft = get_peft_model(module, lora_config, adapter_name=self.tasks[0])
-        for task in self.tasks[1:]:
-            self.peft.add_adapter(task, lora_config)
-        params = dict(self.peft.named_parameters())
-        consumed: set[str] = set()
-        with torch.no_grad():
-            for task, tensors in loras.items():
-                for name, t in tensors.items():
-                    mod, ab = name.rsplit(".lora_", 1)
-                    pname = f"base_model.model.{mod}.lora_{ab}.{task}.weight"
-                    if pname not in params or tuple(params[pname].shape) != tuple(t.shape):
-                        raise ModelError(f"{path}/{ADAPTER_DIR}: LoRA tensor for {pname} has no slot in the model")
-                    params[pname].copy_(t)
-                    consumed.add(pname)
-        lora_params = {n for n in params if ".lora_" in n}
-        if lora_params != consumed:
-            raise ModelError(f"{path}/{ADAPTER_DIR}: LoRA weights not loaded: {sorted(lora_params - consumed)[:5]}")
+        weights = {task: {t: (loras[task][f"{t}.lora_A"], loras[task][f"{t}.lora_B"]) for t in targets}
+                   for task in self.tasks}
+        self.adapters = attach_task_adapters(module, weights, r=self.lora_r, lora_alpha=acfg["lora_alpha"],
+                                             use_rslora=bool(acfg.get("use_rslora", False)),
+                                             where=f"{path}/{ADAPTER_DIR}")
+        self.peft = self.adapters.peft
         self.peft.to(device)
-        self.peft.eval()
         self.module = module
-        self.active: str | None = None
 
     # ---- internals -------------------------------------------------------------------------------------
     def _run(self, task: str | Sequence[str] | None, input_ids: torch.Tensor, mask: torch.Tensor,
              position_ids: torch.Tensor, project: bool, **vision: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        kwargs: dict[str, Any] = {}
         if task is None or isinstance(task, str):
-            t = _check_task(task, self.default_task, self.tasks)
-            if t != self.active:
-                self.peft.set_adapter(t)
-                self.active = t
+            tasks: str | list[str] = _check_task(task, self.default_task, self.tasks)
         else:
-            names = [_check_task(n, self.default_task, self.tasks) for n in task]
-            if len(names) != input_ids.shape[0]:
-                raise ModelError(f"got {len(names)} per-row tasks for a batch of {input_ids.shape[0]} rows")
-            kwargs["adapter_names"] = names
-        return self.peft(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, project=project,
-                         **vision, **kwargs)
+            tasks = [_check_task(n, self.default_task, self.tasks) for n in task]
+            if len(tasks) != input_ids.shape[0]:
+                raise ModelError(f"got {len(tasks)} per-row tasks for a batch of {input_ids.shape[0]} rows")
+        return self.adapters(tasks, input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                             project=project, **vision)
 
     def _text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: Any, project: bool):
         ids = input_ids.to(self.device, torch.long)

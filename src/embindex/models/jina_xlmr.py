@@ -8,32 +8,32 @@ RoPE). Its built-in conversion mapping only knows plain `.weight` keys, so the O
 keys allowed to stay unused are the HF pooler's (`roberta.pooler.*`) and the extra head keys a family
 asks for (e.g. ColBERT's `linear.weight`).
 
-Task LoRA (v3): the base weights are held once; each LoRA'd `nn.Linear` / `nn.Embedding` gets a forward
-hook that adds the low-rank delta of the task chosen for each row:
+Task LoRA (v3, and jina-clip-v2's text tower): the checkpoint stacks the adapters of all T tasks per module
+(Linear: A [T, r, in], B [T, out, r]; Embedding: A [T, vocab, r], B [T, r, dim], the roles swapped with
+respect to linears; Wqkv's LoRA is split by output rows into q/k/v). At load they are converted once into
+peft's layout, one peft LoRA adapter per task (`lora.attach_task_adapters`, adapter name = the task name
+with '.' -> '_', scaling lora_alpha / lora_rank), on ONE copy of the base weights:
 
-* Linear:    y = x @ W^T + b + ((x @ A[t]^T) @ B[t]^T) * s         (== x @ (W + B[t] @ A[t] * s)^T + b)
-* Embedding: e = E[ids] + (A[t][ids] @ B[t]) * s                    (== (E + A[t] @ B[t] * s)[ids])
+* Linear:    peft A = A[t] [r, in], B = B[t] [out, r]      y = x W^T + b + (x A^T) B^T * s
+* Embedding: peft A = A[t]^T [r, vocab], B = B[t]^T [dim, r]  e = E[ids] + A^T[ids] B^T * s
 
-with s = lora_alpha / lora_rank, A/B the checkpoint's stacked tensors (for embeddings A is
-[T, vocab, r] and B [T, r, dim]: the roles are swapped with respect to linears). This is the reference's
-merged-weight math computed without materialising a merged copy per task, so the memory cost of the 5
-tasks is the LoRA tensors only (about 0.1% of the weights). Rows may carry different tasks (a mixed-task
-batch runs each task's rows through the delta of that task), and task id -1 means "base weights".
+which is the reference's merged-weight math without a merged copy per task. A forward takes one task for
+the batch (peft's active adapter), no task (base weights), or one task per row (peft's mixed batch with
+`adapter_names`, "__base__" for rows without a task).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .base import ModelError, read_json
+from .lora import LoRAWeights, TaskAdapters, attach_task_adapters
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -191,7 +191,7 @@ _UNUSED = re.compile(r"^pooler\.")  # HF pooler (dense + tanh): present in the c
 
 @dataclass
 class LoRAPair:
-    """Stacked task LoRA of one module.
+    """Stacked task LoRA of one module as read from the checkpoint (converted to peft by `peft_task_weights`).
 
     Linear: A [T, r, in], B [T, out, r]. Embedding: A [T, vocab, r], B [T, r, dim]."""
 
@@ -337,62 +337,15 @@ def check_lora(
             )
 
 
-# ----------------------------------------------------------------------------------------------
-# task LoRA at run time
-
-
-class TaskRouter:
-    """Per-forward task choice shared by the LoRA hooks: None (base weights everywhere), one task index
-    for the whole batch, or a [B] long tensor of task indices per row (-1 = base weights)."""
-
-    def __init__(self) -> None:
-        self.single: int | None = None
-        self.groups: list[tuple[int, torch.Tensor]] = []  # (task, row indices) of a mixed batch
-
-    def set(self, task_ids: int | torch.Tensor | None) -> None:
-        self.single, self.groups = None, []
-        if isinstance(task_ids, torch.Tensor):
-            uniq = [int(t) for t in torch.unique(task_ids).tolist()]
-            if len(uniq) == 1:
-                self.single = uniq[0] if uniq[0] >= 0 else None
-            else:  # row groups computed once per forward, not once per hooked module
-                self.groups = [(t, (task_ids == t).nonzero(as_tuple=True)[0]) for t in uniq if t >= 0]
-        elif task_ids is not None and task_ids >= 0:
-            self.single = int(task_ids)
-
-    @property
-    def active(self) -> bool:
-        return self.single is not None or bool(self.groups)
-
-
-class StackedLoRA(nn.Module):
-    """The stacked task LoRA of one Linear or Embedding, applied by a forward hook on that module."""
-
-    def __init__(self, pair: LoRAPair, scaling: float, router: TaskRouter):
-        super().__init__()
-        self.kind = pair.kind
-        self.scaling = float(scaling)
-        self.router = router
-        self.register_buffer("A", pair.A, persistent=False)
-        self.register_buffer("B", pair.B, persistent=False)
-
-    def _delta(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        if self.kind == "linear":
-            return F.linear(F.linear(x, self.A[t]), self.B[t]) * self.scaling
-        return (F.embedding(x, self.A[t]) @ self.B[t]) * self.scaling
-
-    def hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        """Forward hook: the module's output plus the low-rank delta of each row's task."""
-        r = self.router
-        if r.single is not None:
-            return output + self._delta(args[0], r.single)
-        if not r.groups:
-            return output
-        x, out = args[0], output.clone()
-        for t, idx in r.groups:
-            idx = idx.to(out.device)
-            out[idx] = out[idx] + self._delta(x[idx], t)
-        return out
+def peft_task_weights(lora: dict[str, LoRAPair], tasks: Sequence[str]) -> dict[str, LoRAWeights]:
+    """Stacked checkpoint LoRA -> {task: {module: (A, B)}} in peft's layout (views, no copies): Linear
+    A [r, in], B [out, r]; Embedding A [r, vocab], B [dim, r] (the checkpoint's per-task A/B transposed)."""
+    out: dict[str, LoRAWeights] = {}
+    for t, task in enumerate(tasks):
+        out[task] = {
+            name: (p.A[t], p.B[t]) if p.kind == "linear" else (p.A[t].T, p.B[t].T) for name, p in lora.items()
+        }
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,40 +353,32 @@ class StackedLoRA(nn.Module):
 
 
 class JinaXLMRBackbone(nn.Module):
-    """Native `JinaEmbeddingsV3Model` (no pooler) + optional stacked task LoRA; returns last_hidden_state."""
+    """Native `JinaEmbeddingsV3Model` (no pooler), with its task LoRA as peft adapters when the checkpoint has
+    them; returns last_hidden_state."""
 
-    def __init__(self, model: nn.Module, lora: dict[str, LoRAPair] | None = None, scaling: float = 1.0):
+    def __init__(self, model: nn.Module, adapters: TaskAdapters | None = None):
         super().__init__()
-        self.model = model
-        self.router = TaskRouter()
-        self.lora = nn.ModuleDict()
-        self._lock = threading.Lock()
-        modules = dict(model.named_modules())
-        for name, pair in (lora or {}).items():
-            mod = StackedLoRA(pair, scaling, self.router)
-            self.lora[name.replace(".", "__")] = mod
-            modules[name].register_forward_hook(mod.hook)
+        self.model = model  # with adapters: its LoRA'd modules are peft LoRA layers (adapters.peft wraps it)
+        self.adapters = adapters
 
     @property
     def has_lora(self) -> bool:
-        return len(self.lora) > 0
+        return self.adapters is not None
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        task_ids: int | torch.Tensor | None = None,
+        task: str | Sequence[str | None] | None = None,
     ) -> torch.Tensor:
-        """[B, L] ids/mask -> [B, L, H] hidden states in the model dtype. `task_ids`: None (base weights),
-        a task index for all rows, or a [B] tensor of task indices (-1 = base weights for that row)."""
-        if task_ids is not None and not self.has_lora:
-            raise ModelError("this checkpoint has no task LoRA")
-        with self._lock:  # the router is shared state: one forward at a time
-            self.router.set(task_ids)
-            try:
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-            finally:
-                self.router.set(None)
+        """[B, L] ids/mask -> [B, L, H] hidden states in the model dtype. `task`: None (base weights), a
+        task name for all rows, or a sequence of B task names (None = base weights for that row)."""
+        if self.adapters is None:
+            if task is not None:
+                raise ModelError("this checkpoint has no task LoRA")
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        else:
+            out = self.adapters(task, input_ids=input_ids, attention_mask=attention_mask)
         return out.last_hidden_state
 
 
@@ -459,7 +404,9 @@ class PreparedCheckpoint:
     state: dict[str, torch.Tensor]
     lora: dict[str, LoRAPair]
     extras: dict[str, torch.Tensor]
-    scaling: float
+    lora_tasks: list[str]
+    lora_rank: int | None
+    lora_alpha: float | None
 
 
 def header_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -507,7 +454,6 @@ def prepare_checkpoint(
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state, lora, extras = convert_checkpoint(tensors, cfg, path, extra_keys)
     check_shapes(state, expected, path)
-    scaling = 1.0
     if require_lora:
         if lora_rank is None or lora_alpha is None:
             raise ModelError(f"{path}/config.json: lora_rank and lora_alpha are required for task LoRA")
@@ -521,10 +467,11 @@ def prepare_checkpoint(
                 "`<module>.parametrizations.weight.0.lora_A/lora_B` for every Linear and Embedding)"
             )
         check_lora(lora, expected, len(lora_tasks), int(lora_rank), path)
-        scaling = float(lora_alpha) / float(lora_rank)
-    elif lora:
+        return PreparedCheckpoint(model, conf, state, lora, extras, list(lora_tasks), int(lora_rank),
+                                  float(lora_alpha))
+    if lora:
         raise ModelError(f"{path}: checkpoint has LoRA tensors ({sorted(lora)[:3]}...) this family does not use")
-    return PreparedCheckpoint(model, conf, state, lora, extras, scaling)
+    return PreparedCheckpoint(model, conf, state, lora, extras, [], None, None)
 
 
 def build_backbone(
@@ -551,12 +498,14 @@ def build_backbone(
     except RuntimeError as e:  # pragma: no cover - check_shapes catches these first
         raise ModelError(f"{path}: {e}") from None
     _materialize_buffers(model, prep.conf, device)
-    lora = {
-        k: LoRAPair(v.A.to(device=device, dtype=dtype), v.B.to(device=device, dtype=dtype), v.kind)
-        for k, v in prep.lora.items()
-    }
+    adapters = None
+    if prep.lora:  # peft copies the tensors into adapters on each layer's device, in the model dtype
+        adapters = attach_task_adapters(
+            model, peft_task_weights(prep.lora, prep.lora_tasks), r=int(prep.lora_rank),
+            lora_alpha=float(prep.lora_alpha), where=path, autocast_adapter_dtype=False,
+        )
     extras = {k: v.to(device=device) for k, v in prep.extras.items()}
-    backbone = JinaXLMRBackbone(model, lora, prep.scaling)
+    backbone = JinaXLMRBackbone(model, adapters)
     backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
