@@ -65,7 +65,8 @@ def _shard_table(x: np.ndarray, start: int, images: np.ndarray) -> pa.Table:
 
 
 def synthetic_index(root, factories: dict[int, str] | None = None, hidden: np.ndarray | None = None,
-                    images_every: int = 0, rows=SHARD_ROWS, modalities=("text",)) -> tuple[str, np.ndarray]:
+                    images_every: int = 0, rows=SHARD_ROWS, modalities=("text",),
+                    single_file_max_rows: int = 200_000) -> tuple[str, np.ndarray]:
     """Write shards + tiers + a published manifest under `root`; returns (uri, stored unit vectors)."""
     store = Storage(str(root))
     total = sum(rows)
@@ -79,7 +80,7 @@ def synthetic_index(root, factories: dict[int, str] | None = None, hidden: np.nd
         start += n
     dims = sorted(factories or {16: "Flat", 32: "Flat", DIM: "Flat"})
     cfg = IndexConfig(uri=str(root), tiers=dims, factory={str(d): f for d, f in (factories or {}).items()} or "Flat",
-                      quality_sample=200, train_sample=5000)
+                      quality_sample=200, train_sample=5000, single_file_max_rows=single_file_max_rows)
     entries, quality = build_tiers(store, [s.path for s in shards], DIM, dims, cfg, "syn")
     tomb = {}
     if hidden is not None and len(hidden):
@@ -236,18 +237,21 @@ def test_rescoring_reads_only_shortlisted_row_groups_and_equals_the_old_in_memor
 
 # -- hidden rows: selectors ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("factories,filtered", [
-    ({16: "Flat", 32: "HNSW32,Flat", DIM: "Flat"}, {16: True, 32: True, DIM: True}),
-    ({16: "IVF64,Flat", 32: "Binary", DIM: "Flat"}, {16: True, 32: False, DIM: True}),
+@pytest.mark.parametrize("factories,filtered,single_max", [
+    ({16: "Flat", 32: "HNSW32,Flat", DIM: "Flat"}, {16: True, 32: True, DIM: True}, 200_000),
+    ({16: "IVF64,Flat", 32: "Binary", DIM: "Flat"}, {16: True, 32: False, DIM: True}, 200_000),
+    ({16: "PQ8x4", 32: "HNSW32,SQ8", DIM: "Flat"}, {16: False, 32: True, DIM: True}, 200_000),
+    ({16: "Flat", 32: "HNSW32,Flat", DIM: "Binary"}, {16: True, 32: True, DIM: False}, 0),  # faiss.IndexShards
 ])
-def test_tombstoned_rows_are_skipped_inside_faiss_and_k_results_come_back(tmp_path, factories, filtered):
+def test_tombstoned_rows_are_skipped_inside_faiss_and_k_results_come_back(tmp_path, factories, filtered, single_max):
     q = clustered(3, seed=21)
     x = clustered(sum(SHARD_ROWS))
     near = np.unique(np.argsort(-(q @ x.T), axis=1)[:, :20])  # hide every query's nearest rows
     hidden = np.union1d(near, np.arange(0, sum(SHARD_ROWS), 3))
-    uri, stored = synthetic_index(tmp_path, factories=factories, hidden=hidden)
+    uri, stored = synthetic_index(tmp_path, factories=factories, hidden=hidden, single_file_max_rows=single_max)
     reader = embindex.open_index(uri)
-    assert {t.dim: t.layout for t in reader.manifest.tiers}[16] == ("ondisk" if "IVF" in factories[16] else "single")
+    layout = "ondisk" if "IVF" in factories[16] else ("single" if single_max else "shards")
+    assert {t.dim: t.layout for t in reader.manifest.tiers}[16] == layout
     calls = []
     search_rows = reader.search_rows
     reader.search_rows = lambda *a, **kw: calls.append(kw["k"]) or search_rows(*a, **kw)

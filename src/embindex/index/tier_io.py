@@ -44,7 +44,7 @@ def shard_index_rel(run_id: str, dim: int, i: int) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_stdout() -> Iterator[None]:
+def quiet_stdout() -> Iterator[None]:
     """FAISS prints a line to C stdout when it re-points on-disk lists: keep it off our stdout (JSON output)."""
     try:
         fd = sys.stdout.fileno()
@@ -66,7 +66,7 @@ def _quiet_stdout() -> Iterator[None]:
 
 def read_ondisk(index_path: str) -> faiss.Index:
     """Open an on-disk IVF index; its data file is found next to `index_path` (same base name)."""
-    with _quiet_stdout():
+    with quiet_stdout():
         return faiss.read_index(index_path, faiss.IO_FLAG_ONDISK_SAME_DIR)
 
 

@@ -27,7 +27,7 @@ from ..index.factories import apply_search_params
 from ..index.tier_io import ONDISK, SHARDS, SINGLE, TierCache, read_ondisk, tier_local_paths
 from ..index.vector_io import ShardRows, _as_matrix, read_vectors
 from ..storage import Storage
-from .selectors import RowFilter, search_parameters, supports_filter
+from .selectors import RowFilter, search_parameters, sub_indexes, supports_filter
 
 IN_MEMORY_RESCORE_MAX_BYTES = 512 * 2**20  # below this, the build scores full-width vectors from memory
 READER_GROUP_CACHE_BYTES = 64 * 2**20  # a reader keeps the float16 row groups it rescored, up to this
@@ -38,10 +38,10 @@ PAIR_CHUNK = 16384
 # -- tiers ------------------------------------------------------------------------------------------
 
 class ShardedIndex:
-    """Indexes holding disjoint global ids, searched as one index: each shard's top k, merged.
-
-    Shards are indexes, or zero-argument loaders (then `ntotals` is required): a lazy sharded index
-    loads one shard at a time per search, so memory stays at one shard (used at build time)."""
+    """Shard indexes holding disjoint global ids, loaded one at a time per search so that memory stays
+    at one shard (build time); each shard's top k is merged in FAISS's `ResultHeap`. Shards are
+    indexes, or zero-argument loaders (then `ntotals` and `d` are required). A reader's tier of several
+    files is a `faiss.IndexShards` instead (`shards_index`), which holds every shard."""
 
     def __init__(self, shards: Sequence[Any], higher_is_better: bool = True,
                  ntotals: Sequence[int] | None = None, d: int | None = None):
@@ -55,41 +55,33 @@ class ShardedIndex:
         self.d = d if d is not None else self.shards[0].d
         self.higher_is_better = higher_is_better
         self.ntotal = int(sum(self.ntotals))
-        self.search_params: dict[str, int] = {}
 
-    def _each(self) -> Iterator[faiss.Index]:
-        for s in self.shards:
-            yield s() if self.lazy else s
-
-    def search(self, x: np.ndarray, k: int, skip: RowFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Each shard's top k, merged; `skip`: hidden ordinals every shard skips (see supports_filter)."""
-        parts = []
-        for shard, n in zip(self._each(), self.ntotals):
+    def search(self, x: np.ndarray, k: int, params: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each shard's top k (searched with `params`: nprobe / efSearch), merged."""
+        heap = faiss.ResultHeap(len(x), k, keep_max=self.higher_is_better)
+        for shard, n in zip(self.shards, self.ntotals):
             if n:
-                apply_search_params(shard, self.search_params, k)
-                params = None if skip is None else search_parameters(shard, self.search_params, min(k, n), skip)
-                parts.append(shard.search(x, min(k, n), params=params))
-        dist = np.concatenate([p[0] for p in parts], axis=1)
-        ids = np.concatenate([p[1] for p in parts], axis=1)
-        key = np.where(ids < 0, np.inf, -dist if self.higher_is_better else dist)
-        order = np.argsort(key, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(dist, order, axis=1), np.take_along_axis(ids, order, axis=1)
-
-    def reconstruct_batch(self, ids: np.ndarray) -> np.ndarray:
-        """Stored vectors of global ids (shards are IDMap2 over contiguous id ranges, in order)."""
-        out = np.zeros((len(ids), self.d), dtype=np.float32)
-        start = 0
-        for shard, n in zip(self._each(), self.ntotals):
-            for pos in np.nonzero((ids >= start) & (ids < start + n))[0]:
-                out[pos] = shard.reconstruct(int(ids[pos]))
-            start += n
-        return out
+                shard = shard() if self.lazy else shard
+                apply_search_params(shard, params or {}, k)
+                heap.add_result(*shard.search(x, min(k, n)))
+        heap.finalize()
+        return heap.D, heap.I
 
 
-def open_tier(store: Storage, entry: Any, cache: TierCache | None = None) -> Any:
-    """The searchable object of a manifest tier: a FAISS index, or a ShardedIndex (shards layout, or a
-    tier with delta indexes).
-    Files of a remote index are read from the local tier cache (downloaded there once)."""
+def shards_index(parts: Sequence[faiss.Index]) -> faiss.Index:
+    """Indexes holding disjoint global ids as one FAISS index: each shard's top k, merged, ids kept as
+    stored (successive_ids off). Not threaded: a shard search already uses FAISS's threads, and IDMap
+    shards rewrite the shared selector of filtered searches while they run."""
+    index = faiss.IndexShards(parts[0].d, False, False)
+    for p in parts:
+        index.add_shard(p)  # the Python wrapper keeps a reference to each shard
+    return index
+
+
+def open_tier(store: Storage, entry: Any, cache: TierCache | None = None) -> faiss.Index:
+    """The searchable index of a manifest tier; a tier of several files (shards layout, or a tier with
+    delta indexes) is a `faiss.IndexShards` over them. Files of a remote index are read from the local
+    tier cache (downloaded there once)."""
     layout = getattr(entry, "layout", SINGLE) or SINGLE
     if layout not in (SINGLE, SHARDS, ONDISK):
         raise ValueError(f"unknown tier layout {layout!r}")
@@ -104,7 +96,7 @@ def open_tier(store: Storage, entry: Any, cache: TierCache | None = None) -> Any
     parts += [faiss.read_index(p) for p in tier_local_paths(store, entry, cache, deltas=True)]
     if len(parts) == 1 and layout != SHARDS:
         return parts[0]
-    return ShardedIndex(parts, higher_is_better=entry.metric != "hamming")
+    return shards_index(parts)
 
 
 class TierSearcher:
@@ -127,10 +119,10 @@ class TierSearcher:
         k = max(1, min(k, self.index.ntotal))
         x = tiers.truncate(queries, self.dim)
         if isinstance(self.index, ShardedIndex):
-            self.index.search_params = self.params
-            dist, ids = self.index.search(x, k, skip=skip)
+            dist, ids = self.index.search(x, k, self.params)
         else:
-            apply_search_params(self.index, self.params, k)
+            for part in sub_indexes(self.index):
+                apply_search_params(part, self.params, k)
             params = None if skip is None else search_parameters(self.index, self.params, k, skip)
             dist, ids = self.index.search(x, k, params=params)
         scores = -dist if self.binary else dist
@@ -285,7 +277,8 @@ class ParquetVectors:
 
 
 class TierVectors:
-    """Vectors a tier index can reconstruct (Flat, HNSW-Flat, or shards of them): rescoring on a higher tier."""
+    """Vectors a tier index can reconstruct (Flat, HNSW-Flat, or IndexShards of them): rescoring on a
+    higher tier."""
 
     def __init__(self, index: Any):
         self.index = index
@@ -296,11 +289,24 @@ class TierVectors:
         qi, col = np.nonzero(ids >= 0)
         ords = ids[qi, col]
         uniq, inv = np.unique(ords, return_inverse=True)
-        x = self.index.reconstruct_batch(uniq)
+        x = reconstruct(self.index, uniq)
         flat = np.empty(len(qi), dtype=np.float32)
         _pair_scores(queries, qi, x, inv, flat, np.arange(len(qi)))
         out[qi, col] = flat
         return out
+
+
+def reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
+    """Stored vectors of ids (IndexShards does not reconstruct: its shards hold contiguous id ranges,
+    in order, and each reconstructs its own)."""
+    parts = sub_indexes(index)
+    starts = np.cumsum([0] + [p.ntotal for p in parts])
+    shard = np.searchsorted(starts, ids, side="right") - 1
+    out = np.zeros((len(ids), index.d), dtype=np.float32)
+    for s in np.unique(shard):
+        sel = shard == s
+        out[sel] = parts[s].reconstruct_batch(ids[sel])
+    return out
 
 
 # -- stages and the funnel --------------------------------------------------------------------------
@@ -376,19 +382,17 @@ def full_width_source(store: Storage, shard_paths: Sequence[str], shard_rows: Se
 
 def exact_topk(source: Any, queries: np.ndarray, k: int,
                exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exhaustive top k by inner product over `source.blocks()` (streamed); `exclude[q]` drops one id per
-    query (the query's own row, for leave-one-out evaluation)."""
+    """Exhaustive top k by inner product over `source.blocks()` (streamed): `faiss.knn` per block, merged
+    in a `faiss.ResultHeap`; `exclude[q]` drops one id per query (the query's own row, for leave-one-out
+    evaluation)."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
-    best_i = np.full((len(q), k), -1, dtype=np.int64)
+    heap = faiss.ResultHeap(len(q), k, keep_max=True)
+    extra = 0 if exclude is None else 1  # one more per block, in case the excluded row is among them
     for start, x in source.blocks():
-        s = q @ x.T
-        ids = np.arange(start, start + len(x), dtype=np.int64)
+        dist, ids = faiss.knn(q, x, min(k + extra, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
+        ids = np.where(ids >= 0, ids + start, -1)
         if exclude is not None:
-            s[ids[None, :] == exclude[:, None]] = -np.inf
-        cs = np.concatenate([best_s, s], axis=1)
-        ci = np.concatenate([best_i, np.broadcast_to(ids, s.shape)], axis=1)
-        part = np.argpartition(-cs, k - 1, axis=1)[:, :k] if cs.shape[1] > k else np.argsort(-cs, axis=1)
-        best_s = np.take_along_axis(cs, part, axis=1)
-        best_i = np.take_along_axis(ci, part, axis=1)
-    return top_k(best_s, best_i, k)
+            dist[ids == exclude[:, None]] = -np.inf  # never enters the heap
+        heap.add_result(dist, ids)
+    heap.finalize()
+    return top_k(heap.D, heap.I, k)

@@ -135,7 +135,7 @@ class IndexReader:
         return self.default_tier if tier is None else int(tier)
 
     def tier_index(self, dim: int):
-        """The tier's search object: a FAISS index, or funnel.ShardedIndex (layout in the manifest)."""
+        """The tier's FAISS index (a `faiss.IndexShards` for a tier of several files, see funnel.open_tier)."""
         if dim not in self._tiers:
             self._tiers[dim] = funnel.open_tier(self.storage, self.manifest.tier(dim), self.tier_cache)
         return self._tiers[dim]

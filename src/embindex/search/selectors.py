@@ -3,11 +3,13 @@
 A `RowFilter` is a FAISS `IDSelectorNot(IDSelectorBitmap)` over the hidden ordinals (n / 8 bytes).
 `search_parameters` builds the typed `SearchParameters` an index needs to apply it, carrying the
 index's own search settings (nprobe, efSearch) since typed parameters override them. Support in
-faiss-cpu 1.15.1, through IndexIDMap/IDMap2 and IndexPreTransform (OPQ) wrappers and on-disk lists:
+faiss-cpu 1.15.1, through IndexIDMap/IDMap2, IndexPreTransform (OPQ) and IndexShards (a tier of
+several files) and on-disk lists:
 
-    Flat, ScalarQuantizer (SQ8), HNSW*, IVF* (Flat, SQ8, PQ; in memory or on disk)   filtered
-    LSH ("Binary"), PQ without IVF, anything else                                      not: callers
-                                                                                       over-fetch
+    Flat, ScalarQuantizer (SQ8), HNSW* (Flat, SQ, PQ),                     filtered
+    IVF* (Flat, SQ8, PQ, PQ fast scan; in memory or on disk)
+    LSH ("Binary"), PQ or PQ fast scan without IVF, Refine, NSG, anything  not: FAISS raises on a
+    else; funnel.ShardedIndex (build time, shards loaded per search)       selector, callers over-fetch
 """
 
 from __future__ import annotations
@@ -35,11 +37,21 @@ def _inner(index: faiss.Index) -> faiss.Index:
     return faiss.downcast_index(index.index)
 
 
+def sub_indexes(index: faiss.Index) -> list[faiss.Index]:
+    """The shards of a `faiss.IndexShards`, else the index itself."""
+    idx = faiss.downcast_index(index)
+    if isinstance(idx, faiss.IndexShards):
+        return [faiss.downcast_index(idx.at(i)) for i in range(idx.count())]
+    return [index]
+
+
 def supports_filter(index: Any) -> bool:
     """Whether FAISS applies a selector inside this index's search (see the module docstring)."""
-    if hasattr(index, "shards"):  # funnel.ShardedIndex: every (loaded) shard must
-        return not index.lazy and all(supports_filter(s) for s in index.shards)
+    if not isinstance(index, faiss.Index):  # funnel.ShardedIndex
+        return False
     idx = faiss.downcast_index(index)
+    if isinstance(idx, faiss.IndexShards):
+        return all(supports_filter(s) for s in sub_indexes(idx))
     if isinstance(idx, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
         return supports_filter(_inner(idx))
     return isinstance(idx, (faiss.IndexFlat, faiss.IndexScalarQuantizer, faiss.IndexHNSW, faiss.IndexIVF))
@@ -47,8 +59,11 @@ def supports_filter(index: Any) -> bool:
 
 def search_parameters(index: faiss.Index, params: dict[str, int], k: int, rows: RowFilter) -> Any:
     """Typed search parameters applying `rows` with the index's nprobe / efSearch (as
-    factories.apply_search_params sets them). The returned object keeps its nested parameters alive."""
+    factories.apply_search_params sets them). The returned object keeps its nested parameters alive.
+    IndexShards passes one object to every shard: its shards are of one kind (a tier's files and deltas)."""
     idx = faiss.downcast_index(index)
+    if isinstance(idx, faiss.IndexShards):
+        return search_parameters(sub_indexes(idx)[0], params, k, rows)
     if isinstance(idx, (faiss.IndexIDMap, faiss.IndexIDMap2)):
         return search_parameters(_inner(idx), params, k, rows)  # IDMap translates the selector to its ids
     if isinstance(idx, faiss.IndexPreTransform):
