@@ -82,7 +82,7 @@ def build_and_measure(root: str, paths: list[str], dim: int, tiers_: list[int], 
 
     from embindex.config import IndexConfig
     from embindex.index.tier_builder import build_tiers
-    from embindex.search.funnel import Funnel, ParquetVectors, Rescore, TierSearcher, exact_topk, open_tier
+    from embindex.index.funnel import Funnel, ParquetVectors, Rescore, TierSearcher, exact_topk, open_tier
     from embindex.storage import Storage
 
     store = Storage(root)

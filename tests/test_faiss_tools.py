@@ -15,7 +15,7 @@ from embindex.index.filling import fill_index, list_sizes
 from embindex.index.merge import merge_ondisk
 from embindex.index.tier_io import read_ondisk
 from embindex.index.training import train_index
-from embindex.search.funnel import (
+from embindex.index.funnel import (
     BLOCK_ROWS,
     ArrayVectors,
     ShardedIndex,
@@ -24,7 +24,7 @@ from embindex.search.funnel import (
     exact_topk,
     shards_index,
 )
-from embindex.search.selectors import RowFilter, search_parameters, supports_filter
+from embindex.index.selectors import RowFilter, search_parameters, supports_filter
 
 D = 32
 N = 3000

@@ -17,7 +17,7 @@ from embindex.index.sampling import Reservoir, sample_shards
 from embindex.index.tier_builder import build_tiers
 from embindex.index.tier_io import read_ondisk
 from embindex.index.training import train_index
-from embindex.search.funnel import (
+from embindex.index.funnel import (
     ArrayVectors,
     Funnel,
     ParquetVectors,

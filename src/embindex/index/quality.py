@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .funnel import Funnel, Rescore, exact_topk
+
 TIE_EPS = 1e-5
 
 
@@ -48,9 +50,7 @@ def quality_report(searchers: dict[int, Any], source: Any, queries: np.ndarray, 
                    k: int, rescore: int, tier_info: dict[int, dict[str, Any]] | None = None) -> dict:
     """recall@k (alone and rescored at full width from `source`) and batch latency of each tier, plus
     the default funnel (narrowest tier -> full width). `searchers`: dim -> TierSearcher; `source`: a
-    full-width vector source of search/funnel.py (ParquetVectors at build time)."""
-    from ..search.funnel import Funnel, Rescore, exact_topk
-
+    full-width vector source of index/funnel.py (ParquetVectors at build time)."""
     nq = len(queries)
     if nq == 0 or not searchers:
         return {"k": k, "queries": 0, "rescore_factor": rescore, "tiers": {}}

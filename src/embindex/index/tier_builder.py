@@ -35,6 +35,7 @@ from . import tiers
 from .factories import auto_factory, default_search_params, ivf_of, make_index, metric_name
 from ..ray_runtime import run_tasks
 from .filling import FillJob, fill_shard
+from .funnel import ShardedIndex, TierSearcher, full_width_source
 from .manifest import TierEntry
 from .merge import merge_ondisk
 from .quality import quality_report, split_queries
@@ -167,8 +168,6 @@ def _merge(store: Storage, plan: TierPlan, results: list[dict[str, Any]], run_id
 def _searcher(store: Storage, plan: TierPlan, n_per_shard: Sequence[int]):
     """Search object over what was written, memory-bounded: the in-memory single index, or the shard
     files loaded one at a time (sharded and not-yet-merged IVF tiers)."""
-    from ..search.funnel import ShardedIndex, TierSearcher
-
     metric = metric_name(plan.factory)
     params = default_search_params(plan.trained)
     if plan.layout == SINGLE:
@@ -182,8 +181,6 @@ def _searcher(store: Storage, plan: TierPlan, n_per_shard: Sequence[int]):
 def build_tiers(store: Storage, shard_paths: Sequence[str], dim: int, tier_dims: Sequence[int],
                 cfg: IndexConfig, run_id: str) -> tuple[list[TierEntry], dict]:
     """Write the FAISS files of every tier under the run's folder; return manifest entries and the quality report."""
-    from ..search.funnel import full_width_source
-
     t_start = time.perf_counter()
     scan = sample_shards(store, shard_paths, cfg.train_sample + cfg.quality_sample, dim)
     n = scan.total

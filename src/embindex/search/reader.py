@@ -6,7 +6,7 @@ shortlisted rows from the Parquet shards -> top k hits. A search reads what its 
 metadata and chunk offsets (and MaxSim's token vectors) of the hit / candidate rows only, from the row
 groups holding them (`ShardRows`: ordinal -> (shard, row) from the manifest's row counts, each
 Parquet footer read once). Tombstoned rows and rows of another modality are skipped inside the FAISS
-search (search-time selectors, see selectors.py); tiers FAISS cannot filter are over-fetched instead.
+search (search-time selectors, see index/selectors.py); tiers FAISS cannot filter are over-fetched instead.
 Tier files of a remote index come from a persistent local cache shared by readers (index/tier_io.py).
 Queries are encoded in-process through `models/` with the query role (and query task) the manifest records.
 """
@@ -33,8 +33,8 @@ from ..index.tier_io import TierCache
 from ..index.tombstones import read_tombstones, tombstone_mask
 from ..index.vector_io import ShardRows
 from ..storage import Storage, StorageOptions
-from . import funnel
-from .selectors import RowFilter, search_parameters, supports_filter
+from ..index import funnel
+from ..index.selectors import RowFilter, search_parameters, supports_filter
 
 DOC_COLUMNS = ["id", "meta", "chunk", "start", "end", "modality"]
 DOC_CACHE_ROWS = 4096  # decoded hit rows a reader keeps (warm queries share many hits)

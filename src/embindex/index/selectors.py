@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..index.faiss_lib import faiss
+from .faiss_lib import faiss
 import numpy as np
 
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Iterator, Protocol, Sequence
 
-from ..index.faiss_lib import faiss
+from .faiss_lib import faiss
 import numpy as np
 
-from ..index import tiers
-from ..index.factories import apply_search_params
-from ..index.tier_io import ONDISK, SHARDS, SINGLE, TierCache, read_ondisk, tier_local_paths
-from ..index.vector_io import ShardRows, _as_matrix, read_vectors
+from . import tiers
+from .factories import apply_search_params
+from .tier_io import ONDISK, SHARDS, SINGLE, TierCache, read_ondisk, tier_local_paths
+from .vector_io import ShardRows, _as_matrix, read_vectors
 from ..storage import Storage
 from .selectors import RowFilter, search_parameters, sub_indexes, supports_filter
 
