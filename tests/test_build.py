@@ -81,7 +81,9 @@ def test_jsonl_gz_with_metadata(ray_cluster, tmp_path, minilm_path):
     # start-up (job start until the first embed batch) is measured and published with the timings
     t = result.manifest.timings
     assert 0 < t["first_batch_s"] < t["read_s"] + t["pipeline_s"] <= t["total_s"]
-    assert "first batch at" in result.summary()
+    # and the embed actor's busy time on the fragments (one actor: at most the embed+write time)
+    assert 0 < t["embed_busy_s"] <= t["pipeline_s"]
+    assert "first batch at" in result.summary() and "embed actors busy" in result.summary()
 
 
 def test_parquet_with_column_mapping_and_bad_rows(ray_cluster, tmp_path, minilm_path):

@@ -47,13 +47,14 @@ class BuildResult:
     def summary(self) -> str:
         c, t = self.counts, self.timings
         first = f", first batch at {t['first_batch_s']:.1f}s" if "first_batch_s" in t else ""
+        busy = f", embed actors busy {t['embed_busy_s']:.1f} actor-s" if t.get("embed_busy_s") else ""
         return (
             f"published {self.version} at {self.index_uri}\n"
             f"  rows in {c['rows_in']}: indexed {c['documents']}, rejected {c['rejected']}; "
             f"chunks {c['chunks']}, vectors {c['vectors']}\n"
             + "".join(f"  {line}\n" for line in stage_lines(getattr(self.manifest, "stages", None) or [])) +
             f"  wall time {t['total_s']:.1f}s (embed+write {t['pipeline_s']:.1f}s, "
-            f"tiers {t['tiers_s']:.1f}s{first})\n"
+            f"tiers {t['tiers_s']:.1f}s{first}{busy})\n"
             f"  manifest {self.manifest_uri}"
         )
 
@@ -134,6 +135,7 @@ class Job:
             todo = [f for f in self.corpus.fragments if f.id not in committed and wanted(f)]
             if attempt == 1:
                 self.committed_before = len([f for f in self.corpus.fragments if f.id in committed and wanted(f)])
+                self.embedded = {f.id for f in todo}
             try:
                 _run_stages(self, todo, normalize, rows_in)
                 break
@@ -155,6 +157,9 @@ class Job:
             raise ReconciliationError(f"{len(missing)} fragment(s) have no commit marker; not published")
         records = [r for f in self.corpus.fragments if wanted(f) for r in committed.get(f.id, [])]
         self.stage_counts = _stage_counts(records)
+        embedded = getattr(self, "embedded", set())  # this run's fragments (not those of a resumed attempt)
+        self.timings["embed_busy_s"] = round(sum(r.get("embed_s") or 0.0 for r in records
+                                                 if r["fragment"] in embedded), 3)
         parts = sorted((r for r in records if r["kind"] == "part"), key=lambda r: r["path"])
         rejects = sorted((r for r in records if r["kind"] == "rejects"), key=lambda r: r["path"])
         return parts, rejects

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from ..checkpoints import model_spec
 from ..config import ModelConfig, OutputsConfig
-from ..index.shards import CONTENT_COLUMN, CONTENT_IMAGE_COLUMN, DTYPE_COLUMN
+from ..index.shards import CONTENT_COLUMN, CONTENT_IMAGE_COLUMN, DTYPE_COLUMN, EMBED_SECONDS_COLUMN
 from ..models import load_family
 from ..models.base import ImageProcessor, ModelFamily, Role, TextTokenizer
 from ..models.embedder import Embedder, Rejects, error_line, free_device_memory, is_device_oom
@@ -248,7 +248,9 @@ class EmbedActor:
         else:
             out = self._single(batch, texts, images, rejected)
         out = out.append_column(DTYPE_COLUMN, pa.array([self.dtype] * out.num_rows, pa.string()))
-        self.busy_s += time.perf_counter() - start
+        busy = time.perf_counter() - start
+        out = out.append_column(EMBED_SECONDS_COLUMN, pa.array([busy] * out.num_rows, pa.float64()))
+        self.busy_s += busy
         self.rows += int(texts.size + images.size)
         if self.mode not in ("document", "naive"):  # other modes report once per fragment
             self._report(int(texts.size + images.size))

@@ -27,6 +27,7 @@ CONTENT_COLUMN = "content"  # the row's text (a chunk row: its span), with index
 CONTENT_IMAGE_COLUMN = "content_image"  # the encoded image of an image row, with index.store_content
 OPTIONAL_DOC_COLUMNS = ["modality", "token_vectors", CONTENT_COLUMN, CONTENT_IMAGE_COLUMN]
 DTYPE_COLUMN = "embed_dtype"  # the dtype and device the embed actor ran (recorded per part, not stored per row)
+EMBED_SECONDS_COLUMN = "embed_seconds"  # the embed actor's busy seconds on the block (recorded, not stored)
 REJECT_COLUMNS = ["id", "reject", "reject_detail", "source", "line"]
 
 SHARD_RECORD_SCHEMA = pa.schema(
@@ -42,6 +43,7 @@ SHARD_RECORD_SCHEMA = pa.schema(
         pa.field("documents", pa.int64()),  # distinct document ids in a part (rows may be chunks)
         pa.field("dtype", pa.string()),  # the embed actor's dtype and device, e.g. "bfloat16 (cuda)"
         pa.field("stages", pa.string()),  # JSON {output column: counts} of the generative stages (parts)
+        pa.field("embed_s", pa.float64()),  # the embed actor's busy seconds on the fragment (its first record)
     ]
 )
 
@@ -144,7 +146,8 @@ def write_fragment(batch: pa.Table, root: str, storage: dict[str, Any], run_id: 
         records.append({"kind": "part", "path": rel, "rows": docs.num_rows, "bytes": size, "sha256": sha,
                         "reasons": None, "tokens": _token_count(docs), "fragment": fragment, "documents": n_docs,
                         "dtype": ", ".join(sorted(d for d in dtypes if d)) or None,
-                        "stages": json.dumps(_generated_counts(docs, outputs)) if outputs else None})
+                        "stages": json.dumps(_generated_counts(docs, outputs)) if outputs else None,
+                        "embed_s": None})
     if rejects.num_rows:
         rel = layout.rejects_path(run_id, fragment)
         size, sha = put_table(store, rel, rejects)
@@ -153,7 +156,9 @@ def write_fragment(batch: pa.Table, root: str, storage: dict[str, Any], run_id: 
             counts[r] = counts.get(r, 0) + 1
         records.append({"kind": "rejects", "path": rel, "rows": rejects.num_rows, "bytes": size, "sha256": sha,
                         "reasons": json.dumps(counts), "tokens": 0, "fragment": fragment, "documents": 0,
-                        "dtype": None, "stages": None})
+                        "dtype": None, "stages": None, "embed_s": None})
+    if records and EMBED_SECONDS_COLUMN in batch.column_names:
+        records[0]["embed_s"] = pc.max(batch.column(EMBED_SECONDS_COLUMN)).as_py()
     write_commit(store, run_id, fragment, records)
     return pa.Table.from_pylist(records, schema=SHARD_RECORD_SCHEMA)
 
