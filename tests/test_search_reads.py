@@ -426,7 +426,7 @@ def test_text_search_on_a_built_index_reads_only_hit_shards(ray_cluster, tmp_pat
 def test_row_group_cache_smaller_than_one_query_needs(tmp_path):
     """Rows of more groups than the cache holds: each call still returns every row (caching a group must
     not evict one the same call still needs)."""
-    from embindex.search import funnel
+    from embindex.index import funnel
 
     x = clustered(1000).astype(np.float16)
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), DIM)
