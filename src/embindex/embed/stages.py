@@ -10,9 +10,10 @@ Output modes (`OutputsConfig.mode`):
 - multivector: per-token vectors per document (ColBERT style) plus their normalized mean.
 
 Failures are handled in the actor, per row: a forward out of device memory is split (at most half its padded
-tokens, down to one row; the lower budget is remembered: `models.embedder.split_on_oom`, `TokenBudget`), a row that alone does not fit becomes a `too_large_for_device` reject,
-and a row with any non-finite vector a `non_finite` reject (a chunked document is rejected whole, as one
-row), so the build goes on and rows in = indexed + rejected still holds.
+tokens, down to one row; the lower budget is remembered: `models.embedder.split_on_oom`, `TokenBudget`), a
+row that alone does not fit becomes a `too_large_for_device` reject, and a row with any non-finite vector a
+`non_finite` reject (a chunked document is rejected whole, as one row), so the build goes on and rows in =
+indexed + rejected still holds.
 """
 
 from __future__ import annotations
@@ -382,8 +383,8 @@ class EmbedActor:
                 what = f"{len(ids)} tokens in windows of {self.window}"
                 rejects[row] = (Reasons.TOO_LARGE_FOR_DEVICE, self.embedder.device_detail(what, error))
                 return None
-            budget.failed(max_windows * self.window)
-            max_windows = min(max_windows // 2, windows_per_forward(budget.tokens, self.window, n_windows))
+            budget.failed(max_windows * self.window)  # at most half: at most max_windows // 2 windows
+            max_windows = windows_per_forward(budget.tokens, self.window, n_windows)
 
     # -- multi-vector --------------------------------------------------------------------------
     def _multivector(self, batch: pa.Table, texts: np.ndarray, images: np.ndarray, rejected: np.ndarray) -> pa.Table:

@@ -358,17 +358,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def loaded_files(paths: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """The checkpoint files a family loads, in the given order: names ending in one of `patterns`, and a
+    `pytorch_model.bin` only in a folder without safetensors (then it is what gets loaded, read with
+    `torch.load(weights_only=True)`; beside safetensors it is a duplicate never read)."""
+    has_safetensors = {os.path.dirname(p) for p in paths if p.endswith(".safetensors")}
+    return [p for p in paths if p.endswith(tuple(patterns))
+            or (os.path.basename(p) == "pytorch_model.bin" and os.path.dirname(p) not in has_safetensors)]
+
+
 def checkpoint_hash(path: str, patterns: Sequence[str] = (".json", ".safetensors", ".txt", ".model")) -> str:
-    """sha256 over the checkpoint's config, tokenizer and weight files (names and contents): a
-    `pytorch_model.bin` counts where its folder has no safetensors (then it is what gets loaded)."""
+    """sha256 over the checkpoint's config, tokenizer and weight files (names and contents; `loaded_files`)."""
     h = hashlib.sha256()
     for root, dirs, files in os.walk(path):
         dirs.sort()
-        pickled_weights = not any(f.endswith(".safetensors") for f in files)
-        for name in sorted(files):
-            if not (name.endswith(tuple(patterns)) or (pickled_weights and name == "pytorch_model.bin")):
-                continue
-            full = os.path.join(root, name)
+        for full in loaded_files([os.path.join(root, name) for name in sorted(files)], patterns):
             h.update(os.path.relpath(full, path).encode())
             with open(full, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
