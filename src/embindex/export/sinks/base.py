@@ -14,6 +14,8 @@ The job drives a sink in this order, and a sink sends no row before `prepare` ha
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import json
 import re
 from typing import Any, Iterator
@@ -50,39 +52,44 @@ def float_rows(col: pa.ChunkedArray | pa.Array) -> list[str]:
     return [json.dumps(r) for r in m.tolist()]
 
 
-class Sink:
-    """Base class: subclasses implement the methods below. Sinks are pickled into Ray tasks when `parallel`
-    (connections are opened lazily and not pickled)."""
+class Sink(ABC):
+    """An export target: subclasses implement the abstract methods. Sinks are pickled into Ray tasks when
+    `parallel` (connections are opened lazily and not pickled)."""
 
     parallel = False  # Ray tasks write their shard's rows themselves (else they return the rows to the driver)
     secrets: tuple[str, ...] = ()  # strings scrubbed from every error message
 
+    @abstractmethod
     def describe(self) -> str:
         """The target as it may be logged (no credentials)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def connect(self) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def read_state(self) -> ExportState | None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def prepare(self, plan: ExportPlan, replace: bool = False) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def write(self, rows: pa.Table, fresh: bool = False) -> int:
         """Upsert rows; `fresh`: none of these keys can be in the target yet (a plain append is enough)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def save_state(self, state: ExportState) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def delete_rows(self, pairs: list[tuple[str, str]]) -> int:
         """Delete rows by (key, shard): a row whose key was rewritten from another shard stays."""
-        raise NotImplementedError
 
+    @abstractmethod
     def delete_shards(self, shards: list[str]) -> int:
-        raise NotImplementedError
+        ...
 
     def finish(self, plan: ExportPlan) -> dict[str, Any]:
         return {}
