@@ -106,6 +106,92 @@ def test_sample_shards_counts_rows_and_keeps_all_when_small(corpus):
     assert len(small.ordinals) == 100 and small.vectors.dtype == np.float16
 
 
+def test_sample_shards_is_uniform_without_replacement_across_uneven_shards(corpus, monkeypatch):
+    """The per-shard draws (sizes from a multivariate hypergeometric split) add up to a uniform sample
+    of the corpus: every row equally likely, whatever its shard; rows travel with their ordinals."""
+    from embindex.index import sampling
+
+    store, paths, stored = corpus
+    monkeypatch.setattr(sampling, "run_tasks", lambda fn, calls, **_: [fn(*c) for c in calls])
+    n, cap, trials = sum(SHARD_ROWS), 120, 300
+    counts = np.zeros(n)
+    for t in range(trials):
+        scan = sample_shards(store, paths, cap, DIM, seed=t, rows=SHARD_ROWS)
+        assert len(scan.ordinals) == cap == len(set(scan.ordinals.tolist()))
+        assert np.all(np.diff(scan.ordinals) > 0)
+        np.testing.assert_allclose(scan.vectors.astype(np.float32), stored[scan.ordinals], atol=2e-3)
+        counts[scan.ordinals] += 1
+    freq, p = counts / trials, cap / n
+    bounds = np.cumsum([0] + SHARD_ROWS)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):  # each shard gets its share (sd of a shard mean ~0.001)
+        assert abs(freq[lo:hi].mean() - p) < 0.006, (lo, hi, freq[lo:hi].mean())
+        mid = (lo + hi) // 2  # and within a shard, early rows as likely as late ones
+        assert abs(freq[lo:mid].mean() - freq[mid:hi].mean()) < 0.012
+    assert freq.min() > 0  # no row is unreachable
+
+
+def test_sample_shards_reads_in_tasks_not_on_the_driver(ray_cluster, corpus, monkeypatch):
+    """Under Ray the shards are read by tasks: the driver never opens one (at corpus scale the sample
+    pass must not stream every shard through the head node)."""
+    store, paths, stored = corpus
+
+    def refuse(*a, **k):
+        raise AssertionError("the driver read a shard")
+
+    monkeypatch.setattr(pq, "read_table", refuse)
+    monkeypatch.setattr(pq, "ParquetFile", refuse)
+    scan = sample_shards(store, paths, capacity=200, dim=DIM)  # row counts unknown: footers read in tasks
+    assert scan.rows == SHARD_ROWS and len(scan.ordinals) == 200
+    np.testing.assert_allclose(scan.vectors.astype(np.float32), stored[scan.ordinals], atol=2e-3)
+    with pytest.raises(ValueError, match="not the 301 its count says"):
+        sample_shards(store, paths, capacity=200, dim=DIM, rows=[301, 250, 400, 250])
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])
+def test_extend_tiers_streams_the_delta_one_shard_at_a_time(corpus, tmp_path, factory, monkeypatch):
+    """A reindex's delta goes into every tier shard by shard: the same search results as brute force
+    over base + delta, while Python-side memory stays near one delta shard (not all of them at once)."""
+    import tracemalloc
+
+    from embindex.incremental.delta_tiers import extend_tiers
+    from embindex.index.vector_io import read_vectors
+
+    store, paths, stored = corpus
+    cfg = IndexConfig(uri=store.root, factory=factory, quality_sample=20, train_sample=600)
+    base, _ = build_tiers(store, paths[:1], DIM, [16, DIM], cfg, "base", shard_rows=SHARD_ROWS[:1])
+    delta_rows = [4000, 4000, 4000]
+    big = clustered(sum(delta_rows), seed=3)
+    store_d, delta_paths = Storage(str(tmp_path / "d")), []
+    for p in write_shards(tmp_path / "d", big, rows=delta_rows):  # under the same root as the base
+        delta_paths.append(p.replace("/run/", "/delta/"))
+        store.write_bytes(delta_paths[-1], store_d.read_bytes(p))
+    from embindex.incremental import delta_tiers
+
+    held = []  # Python-side bytes alive just after each shard read (FAISS's own memory is not counted)
+
+    def read_and_measure(*a, **k):
+        v = read_vectors(*a, **k)
+        held.append(tracemalloc.get_traced_memory()[0])
+        return v
+
+    monkeypatch.setattr(delta_tiers, "read_vectors", read_and_measure)
+    tracemalloc.start()
+    entries = extend_tiers(store, base, delta_paths, SHARD_ROWS[0], "day2")
+    tracemalloc.stop()
+    shard_bytes = delta_rows[0] * DIM * 4
+    # what is alive does not grow shard after shard (all at once would add a shard per read)
+    assert len(held) == 3 and max(held) - held[0] < 0.5 * shard_bytes, (held, shard_bytes)
+    x = np.concatenate([stored[:SHARD_ROWS[0]], tiers.truncate(big.astype(np.float16).astype(np.float32), DIM)])
+    q = clustered(15, seed=9)
+    for e in entries:
+        assert e.ntotal == len(x) and len(e.deltas) == 1
+        searcher = TierSearcher(open_tier(store, e), params={"nprobe": 16})
+        s, i = searcher.search(q, 10)
+        bs, bi = brute(tiers.truncate(x, e.dim), tiers.truncate(q, e.dim), 10)
+        np.testing.assert_allclose(s, bs, atol=1e-4)
+        assert (i == bi).mean() > 0.98  # exact up to float ties
+
+
 # -- index choice ---------------------------------------------------------------------------------
 
 def test_auto_rule():

@@ -91,12 +91,13 @@ def reindex(config: str | os.PathLike | dict[str, Any] | JobConfig, overrides: d
 
         t = time.perf_counter()
         all_paths = [s.path for s in base.shards] + [p["path"] for p in parts]
+        all_rows = [s.rows for s in base.shards] + [p["rows"] for p in parts]
         trained_rows = base.trained_rows or stored_rows
         rebuild = _why_rebuild_tiers(base.tiers, stored_rows + len(delta_ids), trained_rows, cfg.index)
         if rebuild:
             log(f"[embindex] {rebuild}: rebuilding every tier from the stored vectors (nothing re-embedded)")
             tier_entries, quality = build_tiers(store, all_paths, job.info.dim, job.tier_dims, cfg.index,
-                                                job.run_id)
+                                                job.run_id, shard_rows=all_rows)
             trained_rows = stored_rows + len(delta_ids)
         else:
             tier_entries = extend_tiers(store, base.tiers, [p["path"] for p in parts], stored_rows, job.run_id)

@@ -64,13 +64,18 @@ def compact(uri: str, storage: dict[str, Any] | None = None, threshold: float = 
         shards.append(ShardEntry(path=rel, rows=live.num_rows, bytes=size, sha256=sha))
     index_cfg = IndexConfig.model_validate({**base.config.get("index", {}), "uri": uri, "storage": {}})
     paths = [s.path for s in shards]
-    tier_entries, quality = build_tiers(store, paths, base.dim, [t.dim for t in base.tiers], index_cfg, run_id)
+    tier_entries, quality = build_tiers(store, paths, base.dim, [t.dim for t in base.tiers], index_cfg, run_id,
+                                        shard_rows=[s.rows for s in shards])
     outputs = json.loads(json.dumps(base.outputs))
     mv = outputs.get("multivector")
     if mv and mv.get("token_index"):
         mv["token_index"] = build_token_index(store, paths, int(mv.get("dim") or base.dim), run_id)
     rows = sum(s.rows for s in shards)
-    manifest = base.model_copy(deep=True, update={
+    extra = {}
+    if getattr(base, "stages", None):  # the same stages; their counts are this run's, and it generated nothing
+        extra["stages"] = [s if isinstance(s, str) else {**s, "counts": {"documents": 0, "tokens": 0}}
+                           for s in base.stages]
+    manifest = base.model_copy(deep=True, update={**extra,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_id": run_id, "shards": shards, "tiers": tier_entries, "quality": quality,
         "tombstones": {}, "delta": {}, "outputs": outputs, "trained_rows": sum(s.rows for s in shards),
         "counts": base.counts.model_copy(update={"chunks": rows, "vectors": rows}),

@@ -25,7 +25,7 @@ import numpy as np
 from . import tiers
 from .factories import apply_search_params
 from .tier_io import ONDISK, SHARDS, SINGLE, TierCache, read_ondisk, tier_local_paths
-from .vector_io import ShardRows, _as_matrix, read_vectors
+from .vector_io import ShardRows, as_matrix, read_vectors
 from ..storage import Storage
 from .selectors import RowFilter, search_parameters, sub_indexes, supports_filter
 
@@ -216,7 +216,7 @@ class ParquetVectors:
         self.rows_read += len(local_rows)
         if self.group_cache_bytes > 0:
             return self._take_cached(s, np.asarray(local_rows, dtype=np.int64))
-        return _as_matrix(self.reader.read(s, local_rows, [self.column]).column(self.column), np.float16)
+        return as_matrix(self.reader.read(s, local_rows, [self.column]).column(self.column), np.float16)
 
     def _take_cached(self, s: int, local_rows: np.ndarray) -> np.ndarray:
         """Rows of shard s through the row-group cache: missing groups are read in one call, then kept."""
@@ -230,7 +230,7 @@ class ParquetVectors:
         missing = [g for g in np.unique(group_of).tolist() if g not in blocks]
         if missing:
             first = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in missing])
-            read = _as_matrix(self.reader.read(s, first, [self.column]).column(self.column), np.float16)
+            read = as_matrix(self.reader.read(s, first, [self.column]).column(self.column), np.float16)
             at = 0
             for g in missing:
                 n = int(starts[g + 1] - starts[g])

@@ -1,7 +1,12 @@
-"""A bounded-memory uniform sample of vectors across shards (reservoir sampling, Algorithm R).
+"""Uniform samples of vectors across shards, in bounded memory.
 
-Rows stream in shard by shard; the reservoir never holds more than `capacity` rows, and after `n`
-rows every row is in it with probability min(1, capacity / n), independently of shard boundaries.
+- `sample_shards` (the tiers' training + quality sample): the driver splits the sample size over the
+  shards with a multivariate hypergeometric draw on their row counts, then one task per shard draws
+  its share uniformly without replacement. Together that is a uniform sample without replacement of
+  the whole corpus, and the driver only ever holds the sample (never a shard), read in parallel.
+- `Reservoir` (Algorithm R): for streams whose counts are not known up front (token vectors). Rows
+  stream in shard by shard; it never holds more than `capacity` rows, and after `n` rows every row is
+  in it with probability min(1, capacity / n), independently of shard boundaries.
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import pyarrow.parquet as pq
 
-from ..storage import Storage
-from .vector_io import read_vectors
+from ..ray_runtime import run_tasks
+from ..storage import Storage, StorageOptions
+from .vector_io import as_matrix, read_rows, shard_rows
 
 
 class Reservoir:
@@ -83,15 +90,49 @@ class ShardScan:
         return len(self.ordinals) == self.total
 
 
+def _count_rows(root: str, options: StorageOptions, rel: str) -> int:
+    return shard_rows(Storage(root, options), rel)
+
+
+def _draw_from_shard(root: str, options: StorageOptions, rel: str, take: int,
+                     seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Task: `take` rows of one shard drawn uniformly without replacement (float16, in row order, read
+    from the row groups that hold them only), their row positions, and the shard's row count."""
+    store = Storage(root, options)
+    with store.fs.open(store.fs_path(rel), "rb") as f:
+        pf = pq.ParquetFile(f)
+        n = pf.metadata.num_rows
+        if take >= n:
+            pos = np.arange(n, dtype=np.int64)
+            table = pf.read(columns=["vector"])
+        else:
+            pos = np.sort(np.random.default_rng(seed).choice(n, size=take, replace=False)).astype(np.int64)
+            table = read_rows(pf, pos, ["vector"])
+    return as_matrix(table.column("vector"), np.float16), pos, n
+
+
 def sample_shards(store: Storage, shard_paths: Sequence[str], capacity: int, dim: int,
-                  seed: int = 0) -> ShardScan:
-    """One pass over the shards in manifest order: row counts and a reservoir sample of `capacity` rows."""
-    res = Reservoir(capacity, dim, seed=seed)
-    rows = []
-    for rel in shard_paths:
-        v = read_vectors(store, rel, dtype=np.float16)
-        rows.append(len(v))
-        res.add(v)
-        del v
-    vectors, ordinals = res.sample()
-    return ShardScan(rows=rows, vectors=vectors, ordinals=ordinals)
+                  seed: int = 0, rows: Sequence[int] | None = None) -> ShardScan:
+    """Row counts and a uniform sample of min(capacity, rows) full-width rows, one task per shard.
+
+    `rows` are the shards' row counts when the caller knows them (manifest / commit records); else
+    they are read from the Parquet footers, in tasks."""
+    calls = [(store.root, store.options, rel) for rel in shard_paths]
+    rows = [int(r) for r in (rows if rows is not None else run_tasks(_count_rows, calls))]
+    if len(rows) != len(shard_paths):
+        raise ValueError(f"{len(rows)} row counts for {len(shard_paths)} shards")
+    total = sum(rows)
+    rng = np.random.default_rng(seed)
+    take = (np.asarray(rows, dtype=np.int64) if capacity >= total
+            else rng.multivariate_hypergeometric(np.asarray(rows, dtype=np.int64), capacity))
+    seeds = rng.integers(0, 2**31, size=len(rows))
+    picked = [(i, int(t)) for i, t in enumerate(take) if t > 0]
+    drawn = run_tasks(_draw_from_shard, [(*calls[i], t, int(seeds[i])) for i, t in picked])
+    offsets = np.cumsum([0] + rows[:-1])
+    vectors, ordinals = [np.zeros((0, dim), np.float16)], [np.zeros(0, np.int64)]
+    for (i, _), (v, pos, n) in zip(picked, drawn):
+        if n != rows[i]:
+            raise ValueError(f"shard {shard_paths[i]} holds {n} rows, not the {rows[i]} its count says")
+        vectors.append(v)
+        ordinals.append(offsets[i] + pos.astype(np.int64))
+    return ShardScan(rows=rows, vectors=np.concatenate(vectors), ordinals=np.concatenate(ordinals))

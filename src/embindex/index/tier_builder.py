@@ -2,8 +2,8 @@
 
 Memory is bounded by the reservoir sample plus one shard (per parallel task), not by the corpus:
 
-  1. sample   one pass over the shards: row counts (-> ordinal offsets) and a reservoir sample of
-              `train_sample + quality_sample` full-width rows (float16)
+  1. sample   row counts (-> ordinal offsets) and a uniform sample of `train_sample + quality_sample`
+              full-width rows (float16), drawn by one task per shard (sampling.py)
   2. plan     per tier: factory (`auto` by corpus size and `memory_budget_mb`, see factories.py)
               and layout: IVF -> "ondisk"; others -> "single" up to `single_file_max_rows`, else "shards"
   3. train    once per tier on the sample minus the held-out queries (GPU when faiss-gpu sees one)
@@ -179,10 +179,13 @@ def _searcher(store: Storage, plan: TierPlan, n_per_shard: Sequence[int]):
 
 
 def build_tiers(store: Storage, shard_paths: Sequence[str], dim: int, tier_dims: Sequence[int],
-                cfg: IndexConfig, run_id: str) -> tuple[list[TierEntry], dict]:
-    """Write the FAISS files of every tier under the run's folder; return manifest entries and the quality report."""
+                cfg: IndexConfig, run_id: str, shard_rows: Sequence[int] | None = None,
+                ) -> tuple[list[TierEntry], dict]:
+    """Write the FAISS files of every tier under the run's folder; return manifest entries and the quality report.
+
+    `shard_rows`: the shards' row counts where the caller knows them (else read from the footers)."""
     t_start = time.perf_counter()
-    scan = sample_shards(store, shard_paths, cfg.train_sample + cfg.quality_sample, dim)
+    scan = sample_shards(store, shard_paths, cfg.train_sample + cfg.quality_sample, dim, rows=shard_rows)
     n = scan.total
     t_sample = time.perf_counter()
     plans = [plan_tier(d, cfg.factory_for(d), n, cfg) for d in tier_dims]

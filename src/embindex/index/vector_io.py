@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from ..storage import Storage, with_retries
 
 
-def _as_matrix(col: pa.ChunkedArray | pa.Array, dtype: np.dtype | type) -> np.ndarray:
+def as_matrix(col: pa.ChunkedArray | pa.Array, dtype: np.dtype | type) -> np.ndarray:
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     d = col.type.list_size
@@ -36,7 +36,7 @@ def read_vectors(store: Storage, rel: str, column: str = "vector",
     """All vectors of one shard, [rows, dim] in `dtype` (float16 keeps the stored precision at half the memory)."""
     with store.fs.open(store.fs_path(rel), "rb") as f:
         table = pq.read_table(f, columns=[column])
-    return _as_matrix(table.column(column), dtype)
+    return as_matrix(table.column(column), dtype)
 
 
 def row_group_starts(md: pq.FileMetaData) -> np.ndarray:
@@ -63,7 +63,7 @@ def take_vectors(store: Storage, rel: str, rows: Sequence[int] | np.ndarray, col
     """Vectors of the given local rows of one shard (in the order given), reading only their row groups."""
     with store.fs.open(store.fs_path(rel), "rb") as f:
         table = read_rows(pq.ParquetFile(f), np.asarray(rows, dtype=np.int64), [column])
-    return _as_matrix(table.column(column), dtype)
+    return as_matrix(table.column(column), dtype)
 
 
 class ShardRows:
