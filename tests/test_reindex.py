@@ -4,6 +4,7 @@ deletes, day 3 nothing changed (embeds nothing); searches never return stale or 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -173,6 +174,10 @@ def test_reindex_embeds_only_the_delta_for_every_tier_layout(ray_cluster, tmp_pa
         assert [t.layout for t in m.tiers] == [t.layout for t in first.tiers]
         # day 1 adds a delta index per tier; day 2 finds 1 delta (the cap) and rebuilds from Parquet
         assert [len(t.deltas) for t in m.tiers] == ([1, 1] if day == 1 else [0, 0])
+        for t in m.tiers:  # the tier entry describes the tier as it is now: files + deltas, this run's cost
+            on_disk = sum(os.path.getsize(os.path.join(uri, f)) for f in t.files + t.deltas)
+            assert abs(t.bytes_per_vector * t.ntotal - on_disk) <= 1, (t.bytes_per_vector, t.ntotal, on_disk)
+            assert t.build.get("delta_rows") == (6 if day == 1 else None)
         reader = embindex.open_index(uri)
         hits = reader.search([edited["text"]] + [d["text"] for d in rows[-3:]], k=1, tier=32)
         assert [h[0].id for h in hits] == [edited["id"]] + [d["id"] for d in rows[-3:]]

@@ -130,6 +130,14 @@ def test_warc_on_s3_through_readerlm_then_reindex_one_changed_page(ray_cluster, 
     restored = _stored(manifest2, index, opts, "markdown")
     assert restored[_url("forum_thread.html")]["markdown"] == changed.text
 
+    # compaction copies the stored Markdown and generates nothing: the stage is kept, its counts are 0
+    from embindex.incremental.compact import compact
+
+    compacted = compact(index, storage=opts, force=True).model_dump(mode="json")
+    assert compacted["stages"][2]["counts"] == {"documents": 0, "tokens": 0}
+    assert compacted["stages"][2]["fingerprint"] == stage["fingerprint"] and compacted["stages"][:2] == ["read", "normalize"]
+    assert _stored(compacted, index, opts, "markdown") == restored
+
 
 VLM = FIXTURES / "jina-vlm-tiny"
 CAPTION_PROMPT = "Write one sentence of alt text for this image."

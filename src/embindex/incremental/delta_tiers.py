@@ -9,6 +9,7 @@ reindex rebuilds its tiers from the vectors already stored in the Parquet shards
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Sequence
 
 from ..index.faiss_lib import faiss
@@ -57,19 +58,48 @@ def empty_trained(store: Storage, entry: TierEntry) -> faiss.Index:
 
 def extend_tiers(store: Storage, base: Sequence[TierEntry], delta_paths: Sequence[str], offset: int,
                  run_id: str) -> list[TierEntry]:
-    """New tier entries: the base tier plus one delta file per tier (ids offset .. offset + n - 1)."""
-    full = [read_vectors(store, p, dtype=np.float32) for p in delta_paths]
-    vectors = np.concatenate(full) if full else np.zeros((0, 1), np.float32)
+    """New tier entries: the base tier plus one delta file per tier (ids offset .. offset + n - 1).
+
+    The delta shards are read one at a time and each goes into every tier's delta index, so memory is
+    the delta indexes plus one shard, never all delta vectors at once."""
+    indexes: dict[int, faiss.Index] = {}
+    seconds = {e.dim: 0.0 for e in base}
+    added = 0
+    for rel in delta_paths:
+        vectors = read_vectors(store, rel, dtype=np.float32)
+        if not len(vectors):
+            continue
+        for entry in base:
+            t0 = time.perf_counter()
+            part = tiers.truncate(vectors, entry.dim)
+            ids = np.arange(offset + added, offset + added + len(vectors), dtype=np.int64)
+            if entry.dim in indexes:
+                indexes[entry.dim].add_with_ids(np.ascontiguousarray(part, dtype=np.float32), ids)
+            else:
+                trained = empty_trained(store, entry)
+                indexes[entry.dim] = fill_index(trained, part, offset + added, ivf_of(trained) is None)
+            del part
+            seconds[entry.dim] += time.perf_counter() - t0
+        added += len(vectors)
+        del vectors
     out = []
     for entry in base:
         deltas, hashes = list(entry.deltas), dict(entry.sha256)
-        if len(vectors):
-            trained = empty_trained(store, entry)
-            index = fill_index(trained, tiers.truncate(vectors, entry.dim), offset, ivf_of(trained) is None)
+        update = {"deltas": deltas, "sha256": hashes, "ntotal": offset + added}
+        if entry.dim in indexes:
+            t0 = time.perf_counter()
             rel = delta_tier_path(run_id, entry.dim)
-            data = tiers.serialize(index)
+            data = tiers.serialize(indexes.pop(entry.dim))
             store.write_bytes(rel, data)
             deltas.append(rel)
             hashes[rel] = hashlib.sha256(data).hexdigest()
-        out.append(entry.model_copy(update={"deltas": deltas, "sha256": hashes, "ntotal": offset + len(vectors)}))
+            spent = round(seconds[entry.dim] + time.perf_counter() - t0, 3)
+            # the tier as this version has it: base files + every delta; this run's cost is the delta's
+            if entry.bytes_per_vector is not None and entry.ntotal:
+                update["bytes_per_vector"] = round((entry.bytes_per_vector * entry.ntotal + len(data))
+                                                   / (offset + added), 2)
+            update["build_seconds"] = spent
+            update["build"] = {**entry.build, "delta_rows": added, "delta_s": spent}
+            del data
+        out.append(entry.model_copy(update=update))
     return out
