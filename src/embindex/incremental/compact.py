@@ -1,8 +1,8 @@
 """Compaction and retention.
 
 `compact` rewrites a version whose tombstones pass a threshold: live rows only, one new part per old
-shard (read and written one shard at a time), tiers trained and built again, no tombstones. No model
-runs: vectors are copied. It publishes only on top of the version it compacted (index/publish.py);
+shard (one task per shard, in Ray when it is up), tiers trained and built again, no tombstones. No
+model runs: vectors are copied. It publishes only on top of the version it compacted (index/publish.py);
 retention is index/gc.py's job.
 """
 
@@ -14,9 +14,10 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
-from ..config import IndexConfig
+from ..config import IndexConfig, ResourcesConfig
 from ..index import layout
 from ..index.manifest import Manifest, ShardEntry
 from ..index.multivector import build_token_index
@@ -26,13 +27,28 @@ from ..index.shards import put_table, read_table
 from ..index.tier_builder import build_tiers
 from ..index.tombstones import read_tombstones, tombstone_mask
 from ..logs import Log
+from ..ray_runtime import ray_session, run_tasks
 from ..storage import Storage, StorageOptions
-
 
 
 def dead_fraction(manifest: Manifest) -> float:
     total = sum(s.rows for s in manifest.shards)
     return (manifest.tombstones or {}).get("rows", 0) / total if total else 0.0
+
+
+def _compact_shard(root: str, options: StorageOptions, rel: str, offset: int, out_rel: str,
+                   dead: np.ndarray) -> ShardEntry | None:
+    """Task: one shard's live rows (ordinals offset.. not in the sorted `dead`) written to `out_rel`;
+    None when no row is live."""
+    store = Storage(root, options)
+    table = read_table(store, rel)
+    ordinals = np.arange(offset, offset + table.num_rows, dtype=np.int64)
+    lo, hi = np.searchsorted(dead, [offset, offset + table.num_rows])
+    live = table.filter(pa.array(~tombstone_mask(ordinals, dead[lo:hi])))
+    if live.num_rows == 0:
+        return None
+    size, sha = put_table(store, out_rel, live)
+    return ShardEntry(path=out_rel, rows=live.num_rows, bytes=size, sha256=sha)
 
 
 def compact(uri: str, storage: dict[str, Any] | None = None, threshold: float = 0.2, force: bool = False,
@@ -47,21 +63,20 @@ def compact(uri: str, storage: dict[str, Any] | None = None, threshold: float = 
     if not force and frac < threshold:
         log(f"[embindex] {base.version}: {frac:.1%} of rows tombstoned < {threshold:.0%}; nothing to compact")
         return None
+    with ray_session(ResourcesConfig()):  # $RAY_ADDRESS (a cluster job), else a local Ray
+        return _compact(store, base, uri, log)
+
+
+def _compact(store: Storage, base: Manifest, uri: str, log: Log) -> Manifest:
     t0 = time.perf_counter()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-compact-" + secrets.token_hex(2)
     write_run_record(store, run_id, base.fingerprint or "", kind="compact", base=base.version)
     dead = read_tombstones(store, base)
-    shards, offset = [], 0
-    for i, s in enumerate(base.shards):
-        table = read_table(store, s.path)
-        ordinals = pa.array(range(offset, offset + table.num_rows)).to_numpy()
-        offset += table.num_rows
-        live = table.filter(pa.array(~tombstone_mask(ordinals, dead)))
-        if live.num_rows == 0:
-            continue
-        rel = f"{layout.run_dir(run_id)}/part-{i:05d}.parquet"
-        size, sha = put_table(store, rel, live)
-        shards.append(ShardEntry(path=rel, rows=live.num_rows, bytes=size, sha256=sha))
+    offsets = np.cumsum([0] + [s.rows for s in base.shards]).tolist()
+    offset = offsets[-1]
+    calls = [(store.root, store.options, s.path, offsets[i], f"{layout.run_dir(run_id)}/part-{i:05d}.parquet")
+             for i, s in enumerate(base.shards)]
+    shards = [s for s in run_tasks(_compact_shard, calls, shared={"dead": dead}) if s is not None]
     index_cfg = IndexConfig.model_validate({**base.config.get("index", {}), "uri": uri, "storage": {}})
     paths = [s.path for s in shards]
     tier_entries, quality = build_tiers(store, paths, base.dim, [t.dim for t in base.tiers], index_cfg, run_id,
@@ -75,9 +90,10 @@ def compact(uri: str, storage: dict[str, Any] | None = None, threshold: float = 
     if getattr(base, "stages", None):  # the same stages; their counts are this run's, and it generated nothing
         extra["stages"] = [s if isinstance(s, str) else {**s, "counts": {"documents": 0, "tokens": 0}}
                            for s in base.stages]
-    manifest = base.model_copy(deep=True, update={**extra,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_id": run_id, "shards": shards, "tiers": tier_entries, "quality": quality,
-        "tombstones": {}, "delta": {}, "outputs": outputs, "trained_rows": sum(s.rows for s in shards),
+    manifest = base.model_copy(deep=True, update={
+        **extra, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_id": run_id,
+        "shards": shards, "tiers": tier_entries, "quality": quality, "tombstones": {}, "delta": {},
+        "outputs": outputs, "trained_rows": rows,
         "counts": base.counts.model_copy(update={"chunks": rows, "vectors": rows}),
         "fragments": {"total": 0, "embedded": 0, "reused": 0},
         "timings": {"total_s": round(time.perf_counter() - t0, 3)},

@@ -15,7 +15,7 @@ def read_tombstones(store: Storage, manifest: Manifest) -> np.ndarray:
     if not entry.get("path"):
         return np.zeros(0, dtype=np.int64)
     col = read_table(store, entry["path"], columns=["ordinal"]).column("ordinal")
-    return np.sort(np.asarray(col.to_pylist(), dtype=np.int64))
+    return np.sort(col.to_numpy().astype(np.int64, copy=False))
 
 
 def tombstone_mask(ordinals: np.ndarray, tombstones: np.ndarray) -> np.ndarray:
