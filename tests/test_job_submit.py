@@ -225,15 +225,37 @@ def _overrides(bucket: dict, index_prefix: str, cache_dir: Path) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
+def _submit_cmd(head: dict, wd: Path, runtime_env: Path, args: list[str], submission_id: str,
+                script: str = "build_index.py") -> list[str]:
+    return [RAY, "job", "submit", "--address", head["address"], "--submission-id", submission_id,
+            "--working-dir", str(wd), "--runtime-env", str(runtime_env), "--",
+            "python", f"pipelines/{script}", "--config", "configs/quickstart.yaml", *args]
+
+
 def _submit(head: dict, wd: Path, runtime_env: Path, args: list[str], submission_id: str,
             timeout: float = 240, script: str = "build_index.py") -> subprocess.CompletedProcess:
-    cmd = [RAY, "job", "submit", "--address", head["address"], "--submission-id", submission_id,
-           "--working-dir", str(wd), "--runtime-env", str(runtime_env), "--",
-           "python", f"pipelines/{script}", "--config", "configs/quickstart.yaml", *args]
+    cmd = _submit_cmd(head, wd, runtime_env, args, submission_id, script)
     return subprocess.run(cmd, env=_cluster_env(), capture_output=True, text=True, timeout=timeout, cwd=wd)
 
 
-def test_ray_job_submit_build_on_s3(head_cluster, job_bucket, tmp_path):
+@pytest.fixture(scope="module")
+def failing_submission(head_cluster, job_bucket, tmp_path_factory):
+    """`ray job submit` of an invalid config, started in the background as soon as the cluster is up, so
+    that it runs beside the build job (the test that checks it only waits for it)."""
+    root = tmp_path_factory.mktemp("bad-job")
+    wd = _working_dir(root)
+    runtime_env = _runtime_env(root, job_bucket)
+    sid = "embindex-bad-" + secrets.token_hex(3)
+    args = _overrides(job_bucket, "indexes/bad", root / "cache") + ["--set", "index.tiers=[]"]
+    proc = subprocess.Popen(_submit_cmd(head_cluster, wd, runtime_env, args, sid), env=_cluster_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=wd)
+    yield {"sid": sid, "proc": proc}
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def test_ray_job_submit_build_on_s3(head_cluster, job_bucket, failing_submission, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     import embindex
@@ -298,17 +320,14 @@ def test_ray_job_submit_build_on_s3(head_cluster, job_bucket, tmp_path):
     assert reader.search(new[4]["text"], k=1)[0][0].id == "new-4"
 
 
-def test_ray_job_submit_failure_comes_back(head_cluster, job_bucket, tmp_path):
+def test_ray_job_submit_failure_comes_back(head_cluster, job_bucket, failing_submission):
     """An invalid config fails the job before any worker starts; status and the error come back."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    wd = _working_dir(tmp_path)
-    runtime_env = _runtime_env(tmp_path, job_bucket)
-    sid = "embindex-bad-" + secrets.token_hex(3)
-    args = _overrides(job_bucket, "indexes/bad", tmp_path / "cache") + ["--set", "index.tiers=[]"]
-    proc = _submit(head_cluster, wd, runtime_env, args, sid, timeout=120)
-    assert proc.returncode != 0, proc.stdout[-3000:]  # `ray job submit` exits 1 when the job fails
-    assert "failed" in proc.stdout + proc.stderr
+    sid, proc = failing_submission["sid"], failing_submission["proc"]
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0, stdout[-3000:]  # `ray job submit` exits 1 when the job fails
+    assert "failed" in stdout + stderr
     client = JobSubmissionClient(head_cluster["address"])
     assert client.get_job_status(sid) == JobStatus.FAILED
     logs = client.get_job_logs(sid)

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SESSION_WORKERS_KEPT
-
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
@@ -44,8 +42,6 @@ NOTEBOOK_ENV = {
     "multivector_maxsim.ipynb": {"EMBINDEX_NOTEBOOK_DOCS": "100"},      # of 300
     "late_chunking.ipynb": {"EMBINDEX_NOTEBOOK_TOPICS": "6"},           # of all (12 + 19 on Python 3.11)
 }
-# the Ray a notebook starts keeps idle workers between its builds' tasks, like the session's (conftest)
-RAY_ENV = {"RAY_num_workers_soft_limit": str(SESSION_WORKERS_KEPT)}
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -64,14 +60,14 @@ def test_outputs_stripped(path: Path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_executes(path: Path, tmp_path: Path):
-    """Run in a fresh kernel (this interpreter) from the notebook's folder; the notebook starts and stops
-    its own small Ray, independent of the session's."""
+def test_notebook_executes(path: Path, tmp_path: Path, ray_cluster):
+    """Run in a fresh kernel (this interpreter) from the notebook's folder. The kernel joins the session's
+    Ray through $RAY_ADDRESS, as a notebook on a cluster joins it (without it, a notebook starts and
+    stops a small local Ray of its own)."""
     nb = nbformat.read(path, as_version=4)
-    env = {**RAY_ENV, **NOTEBOOK_ENV.get(path.name, {})}
-    env_keep = {k: os.environ.get(k) for k in ("MPLBACKEND", "RAY_ADDRESS", *env)}
+    env = {**NOTEBOOK_ENV.get(path.name, {}), "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    env_keep = {k: os.environ.get(k) for k in ("MPLBACKEND", *env)}
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
-    os.environ.pop("RAY_ADDRESS", None)
     os.environ.update(env)
     try:
         client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
