@@ -31,6 +31,7 @@ from ..config import ModelConfig, OutputsConfig
 from ..index.shards import CONTENT_COLUMN, CONTENT_IMAGE_COLUMN, DTYPE_COLUMN, EMBED_SECONDS_COLUMN
 from ..models import load_family
 from ..models.base import ImageProcessor, ModelFamily, Role, TextTokenizer
+from ..models.dtype_probe import choose_cpu_dtype
 from ..models.embedder import Embedder, Rejects, error_line, free_device_memory, is_device_oom
 from ..models.late_chunking import pool_spans, token_states, window_starts, windows_per_forward
 from ..sources.normalize import Reasons, with_rejects
@@ -200,6 +201,10 @@ class EmbedActor:
         self.embedder = Embedder(family, batch_tokens=batch_tokens)
         self.outputs = OutputsConfig.model_validate_json(outputs_json)
         self.mode = self.outputs.mode
+        self.dtype_choice = None
+        if cfg.dtype == "auto" and getattr(self.embedder.encoder, "device", None) is not None \
+                and self.embedder.encoder.device.type == "cpu":  # bf16 where this CPU runs it like fp32
+            self.dtype_choice = choose_cpu_dtype(self.embedder, task, multivector=self.mode == "multivector")
         self.task = task
         self.dim = self.embedder.info.dim
         self.dtype = f"{self.embedder.dtype_name} ({self.embedder.encoder.device.type})"  # what `auto` became

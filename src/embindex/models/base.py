@@ -350,7 +350,8 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto': bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU."""
+    """'auto': bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU (the embed actor may then switch to
+    bf16 after a fidelity probe, dtype_probe.py)."""
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
