@@ -1,4 +1,4 @@
-"""Tiers at corpus scale, on small data: reservoir, auto rule, sharded filling, on-disk merge, funnel."""
+"""Tiers at corpus scale, on small data: the sample, auto rule, sharded filling, on-disk merge, funnel."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from embindex.index.factories import auto_factory, make_index
 from embindex.index.filling import fill_index, list_sizes
 from embindex.index.manifest import TierEntry
 from embindex.index.merge import merge_ondisk
-from embindex.index.sampling import Reservoir, sample_shards
+from embindex.index.sampling import sample_shards
 from embindex.index.tier_builder import build_tiers
 from embindex.index.tier_io import read_ondisk
 from embindex.index.training import train_index
@@ -73,28 +73,7 @@ def brute(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
     return np.take_along_axis(s, i, axis=1), i
 
 
-# -- reservoir ------------------------------------------------------------------------------------
-
-def test_reservoir_is_uniform_bounded_and_split_independent():
-    n, cap, trials = 60, 12, 3000
-    counts = np.zeros(n)
-    rng = np.random.default_rng(1)
-    for t in range(trials):
-        res = Reservoir(cap, 2, seed=t)
-        cuts = np.sort(rng.choice(np.arange(1, n), size=rng.integers(0, 6), replace=False))
-        for part in np.split(np.arange(n), cuts):  # random "shard" boundaries
-            res.add(np.stack([part, part], axis=1).astype(np.float16))
-            assert res.size <= cap
-        vecs, ords = res.sample()
-        assert len(ords) == cap and len(set(ords.tolist())) == cap
-        assert np.array_equal(vecs[:, 0].astype(int), ords)  # rows travel with their ordinals
-        counts[ords] += 1
-    freq = counts / trials
-    # every row is kept with probability cap / n (binomial sd ~0.0073 here)
-    assert np.max(np.abs(freq - cap / n)) < 0.035
-    # early and late rows alike (Algorithm R is not biased towards either end)
-    assert abs(freq[: n // 2].mean() - freq[n // 2:].mean()) < 0.01
-
+# -- the sample ------------------------------------------------------------------------------------
 
 def test_sample_shards_counts_rows_and_keeps_all_when_small(corpus):
     store, paths, stored = corpus
@@ -227,7 +206,7 @@ def test_flat_tiers_equal_brute_force(corpus, single_max):
 
 
 def test_corpus_inside_the_sample_builds_from_memory_like_from_shards(corpus, tmp_path, monkeypatch):
-    """A corpus that fits the reservoir is filled and scored from the sample: the same tier files and
+    """A corpus that fits the sample is filled and scored from the sample: the same tier files and
     quality report as streaming the shards again."""
     from embindex.index import sampling
 

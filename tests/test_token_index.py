@@ -112,11 +112,39 @@ def test_ivf_token_index_trained_on_a_sample(ray_cluster, tmp_path):
     assert store.listdir("shards/r/tokens") == []
 
 
+def test_token_sample_is_uniform_and_drawn_by_shard_tasks(ray_cluster, tmp_path, monkeypatch):
+    """The IVF training sample: exactly min(capacity, tokens) distinct stored token vectors, each shard
+    contributing its share, read by tasks (the driver opens no shard)."""
+    store = Storage(str(tmp_path / "idx"))
+    paths, mats = write_shards(store, 3, rows=30, dim=16, seed=7)
+    stored = np.concatenate(mats).astype(np.float32)
+    per_shard = [len(np.concatenate(mats[i * 30:(i + 1) * 30])) for i in range(3)]
+
+    def refuse(*a, **k):
+        raise AssertionError("the driver read a shard")
+
+    monkeypatch.setattr(multivector, "read_table", refuse)  # tasks import their own copy of the module
+    monkeypatch.setattr(pq, "ParquetFile", refuse)
+    sample = multivector.sample_tokens(store, paths, 500, 16, seed=1)
+    monkeypatch.undo()
+    assert sample.shape == (500, 16)
+    row_of = {v.tobytes(): i for i, v in enumerate(stored)}
+    picked = [row_of[v.tobytes()] for v in sample]  # every sampled vector is a stored one, none twice
+    assert len(set(picked)) == 500
+    assert np.array_equal(multivector.sample_tokens(store, paths, 10**6, 16), stored)  # all, in order
+    # each shard's share follows its token count (hypergeometric mean; sd ~8 tokens here)
+    bounds = np.cumsum([0] + per_shard)
+    got = np.histogram(picked, bins=bounds)[0]
+    expected = 500 * np.asarray(per_shard) / sum(per_shard)
+    assert np.all(np.abs(got - expected) < 40), (got, expected)
+
+
 def test_large_token_counts_go_to_an_ivf_index_on_disk(ray_cluster, tmp_path, monkeypatch):
     store = Storage(str(tmp_path / "idx"))
     paths, mats = write_shards(store, 3, rows=30, dim=16, seed=6)
     n = sum(len(m) for m in mats)
-    assert multivector.token_count(store, paths, 16) == n  # from the Parquet footers
+    assert multivector.shard_token_counts(store, paths, 16) == [len(np.concatenate(mats[i * 30:(i + 1) * 30]))
+                                                                for i in range(3)]  # from the footers
     assert build_token_index(store, paths, 16, "small")["factory"] == "IDMap2,Flat"
     monkeypatch.setattr(multivector, "TOKEN_FLAT_MAX", n - 1)
     entry = build_token_index(store, paths, 16, "large")

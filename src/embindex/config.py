@@ -158,7 +158,7 @@ class IndexConfig(_Stored, _Section):
     quality_sample: int = Field(1000, ge=0)
     rescore: int = Field(10, ge=1, description="shortlist = k * rescore, rescored at full width")
     memory_budget_mb: float = Field(4096, gt=0, description="per-tier budget of index bytes that `auto` fits")
-    train_sample: int = Field(100_000, gt=0, description="reservoir rows (across shards) that trained tiers learn on")
+    train_sample: int = Field(100_000, gt=0, description="sampled rows (uniform across shards) that trained tiers learn on")
     single_file_max_rows: int = Field(200_000, ge=0, description="non-IVF tiers up to this size are one file")
     store_content: bool = Field(False, description="store each row's text (a chunk row: its span) and encoded "
                                 "image in the shards, so rerankers and exports read candidates from the index")

@@ -4,8 +4,8 @@ ordinals of the documents the tokens belong to, and MaxSim over stored token vec
 The token index is built out of core (`build_token_index`), like the tiers (tier_builder.py):
 
   1. plan     row counts per shard from the Parquet footers -> row-ordinal offsets
-  2. train    only when the factory needs it (IVF): on a reservoir sample of token vectors, read
-              one shard at a time (sampling.Reservoir)
+  2. train    only when the factory needs it (IVF): on a uniform sample of token vectors drawn by
+              one task per shard (its share from a hypergeometric split of the footer token counts)
   3. fill     one Ray task per shard (filling.run_tasks / fill_index): reads that shard's token
               vectors, adds them to a copy of the empty/trained index with id = row ordinal, writes
               a partial index under shards/<run>/tokens/
@@ -16,7 +16,7 @@ The token index is built out of core (`build_token_index`), like the tiers (tier
               on-disk layout (tokens.faiss header + tokens.ivfdata, merge.py), opened with
               `open_token_index`.
 
-Driver memory: one shard's token vectors (or one partial index) plus the training sample.
+Driver memory: one partial index (the Flat merge) plus the training sample.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from .factories import ivf_nlist, ivf_of, make_index
 from ..ray_runtime import run_tasks
 from .filling import fill_index, list_sizes
 from .merge import merge_ondisk
-from .sampling import Reservoir
 from .shards import read_table
 from .tier_io import TierCache, read_ondisk
 from .training import train_index
@@ -103,15 +102,27 @@ def fill_token_shard(root: str, options: StorageOptions, shard_rel: str, offset:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 
 
-def sample_tokens(store: Storage, shard_paths: Sequence[str], capacity: int, dim: int,
-                  seed: int = 0) -> np.ndarray:
-    """A uniform reservoir sample of at most `capacity` token vectors over all shards, one shard read at a time."""
-    res = Reservoir(capacity, dim, seed=seed, dtype=np.float32)
-    for rel in shard_paths:
-        vecs, _ = shard_tokens(read_table(store, rel, columns=["token_vectors"]))
-        res.add(vecs)
-        del vecs
-    return res.sample()[0]
+def _draw_tokens(root: str, options: StorageOptions, rel: str, take: int, seed: int) -> np.ndarray:
+    """Task: `take` token vectors of one shard drawn uniformly without replacement (all when fewer)."""
+    vecs, _ = shard_tokens(read_table(Storage(root, options), rel, columns=["token_vectors"]))
+    if take >= len(vecs):
+        return vecs
+    return vecs[np.sort(np.random.default_rng(seed).choice(len(vecs), size=take, replace=False))]
+
+
+def sample_tokens(store: Storage, shard_paths: Sequence[str], capacity: int, dim: int, seed: int = 0,
+                  counts: Sequence[int] | None = None) -> np.ndarray:
+    """A uniform sample of min(capacity, tokens) token vectors over all shards: the sample size split over
+    the shards by a multivariate hypergeometric draw on their token counts (`counts`, else the footers'),
+    then one task per shard draws its share. The driver holds the sample only."""
+    counts = np.asarray(counts if counts is not None else shard_token_counts(store, shard_paths, dim), np.int64)
+    rng = np.random.default_rng(seed)
+    take = counts if capacity >= counts.sum() else rng.multivariate_hypergeometric(counts, capacity)
+    seeds = rng.integers(0, 2**31, size=len(counts))
+    calls = [(store.root, store.options, rel, int(t), int(seeds[i]))
+             for i, (rel, t) in enumerate(zip(shard_paths, take)) if t > 0]
+    parts = run_tasks(_draw_tokens, calls)
+    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
 def fill_token_shards(store: Storage, shard_paths: Sequence[str], trained: faiss.Index, run_id: str,
@@ -205,23 +216,27 @@ def _merge_ivf(store: Storage, trained: faiss.Index, results: Sequence[dict[str,
 
 
 def _train_tokens(store: Storage, shard_paths: Sequence[str], factory: str, dim: int, train_sample: int,
-                  seed: int) -> faiss.Index:
+                  seed: int, counts: Sequence[int]) -> faiss.Index:
     """The empty index of `factory`, trained on a token sample when it needs training."""
     empty = make_index(factory, dim)
     if empty.is_trained:
         return empty
-    return train_index(factory, dim, sample_tokens(store, shard_paths, train_sample, dim, seed))
+    return train_index(factory, dim, sample_tokens(store, shard_paths, train_sample, dim, seed, counts))
 
 
-def token_count(store: Storage, shard_paths: Sequence[str], dim: int) -> int:
-    """Token vectors stored in the shards, from the Parquet footers (leaf values / dim; no data read)."""
-    total = 0
-    for rel in shard_paths:
-        with store.fs.open(store.fs_path(rel), "rb") as f:
-            md = pq.ParquetFile(f).metadata
-        cols = [j for j in range(md.num_columns) if md.schema.column(j).path.startswith("token_vectors.")]
-        total += sum(md.row_group(g).column(j).num_values for g in range(md.num_row_groups) for j in cols)
-    return total // max(dim, 1)
+def _footer_token_count(root: str, options: StorageOptions, rel: str, dim: int) -> int:
+    """Task: token vectors of one shard from its Parquet footer (leaf values / dim; no data read)."""
+    store = Storage(root, options)
+    with store.fs.open(store.fs_path(rel), "rb") as f:
+        md = pq.ParquetFile(f).metadata
+    cols = [j for j in range(md.num_columns) if md.schema.column(j).path.startswith("token_vectors.")]
+    return sum(md.row_group(g).column(j).num_values for g in range(md.num_row_groups) for j in cols) // max(dim, 1)
+
+
+def shard_token_counts(store: Storage, shard_paths: Sequence[str], dim: int) -> list[int]:
+    """Token vectors stored in each shard, from the footers (one task per shard)."""
+    return [int(n) for n in run_tasks(_footer_token_count, [(store.root, store.options, rel, dim)
+                                                           for rel in shard_paths])]
 
 
 def token_factory(n_tokens: int) -> str:
@@ -237,8 +252,9 @@ def build_token_index(store: Storage, shard_paths: Sequence[str], dim: int, run_
     core (module docstring). `factory`: Flat, an IVF factory (on-disk lists, see `open_token_index`),
     or None to choose by size (`token_factory`). Returns the manifest's `token_index` entry: file,
     files (with the on-disk lists), factory, vectors and, for IVF, nprobe."""
-    factory = factory or token_factory(token_count(store, shard_paths, dim))
-    trained = _train_tokens(store, shard_paths, factory, dim, train_sample, seed)
+    counts = shard_token_counts(store, shard_paths, dim)
+    factory = factory or token_factory(sum(counts))
+    trained = _train_tokens(store, shard_paths, factory, dim, train_sample, seed, counts)
     ivf = ivf_of(trained)
     if ivf is None and not isinstance(faiss.downcast_index(trained), faiss.IndexFlat):
         raise ValueError(f"token index factory {factory!r}: only Flat and IVF factories can be merged")

@@ -1,6 +1,6 @@
 """Quality report of the tiers and the funnel, measured at build time with bounded memory.
 
-Queries are corpus rows held out of training (a random part of the reservoir sample); each query's
+Queries are corpus rows held out of training (a random part of the training sample); each query's
 own row is left out of both the ground truth and the results (leave-one-out), so the report measures
 neighbours, not self-retrieval. Ground truth is exact full-width inner-product search streamed over
 the Parquet shards. recall@k counts a returned id as correct when its exact full-width score reaches

@@ -1,12 +1,9 @@
-"""Uniform samples of vectors across shards, in bounded memory.
+"""The tiers' training + quality sample: a uniform sample of vectors across shards, in bounded memory.
 
-- `sample_shards` (the tiers' training + quality sample): the driver splits the sample size over the
-  shards with a multivariate hypergeometric draw on their row counts, then one task per shard draws
-  its share uniformly without replacement. Together that is a uniform sample without replacement of
-  the whole corpus, and the driver only ever holds the sample (never a shard), read in parallel.
-- `Reservoir` (Algorithm R): for streams whose counts are not known up front (token vectors). Rows
-  stream in shard by shard; it never holds more than `capacity` rows, and after `n` rows every row is
-  in it with probability min(1, capacity / n), independently of shard boundaries.
+The driver splits the sample size over the shards with a multivariate hypergeometric draw on their
+row counts, then one task per shard draws its share uniformly without replacement. Together that is a
+uniform sample without replacement of the whole corpus; the driver only ever holds the sample (never a
+shard), read in parallel. (The token index samples token vectors the same way, multivector.py.)
 """
 
 from __future__ import annotations
@@ -20,52 +17,6 @@ import pyarrow.parquet as pq
 from ..ray_runtime import run_tasks
 from ..storage import Storage, StorageOptions
 from .vector_io import as_matrix, read_rows, shard_rows
-
-
-class Reservoir:
-    """Uniform sample of at most `capacity` rows of width `dim`, with their global ordinals."""
-
-    def __init__(self, capacity: int, dim: int, seed: int = 0, dtype: np.dtype | type = np.float16):
-        if capacity <= 0:
-            raise ValueError("reservoir capacity must be positive")
-        self.capacity = capacity
-        self.vectors = np.empty((capacity, dim), dtype=dtype)
-        self.ordinals = np.empty(capacity, dtype=np.int64)
-        self.seen = 0
-        self._rng = np.random.default_rng(seed)
-
-    @property
-    def size(self) -> int:
-        return min(self.seen, self.capacity)
-
-    def add(self, batch: np.ndarray, ordinals: np.ndarray | None = None) -> None:
-        """Offer a batch of rows (in stream order); `ordinals` default to their stream positions."""
-        n = len(batch)
-        if n == 0:
-            return
-        if ordinals is None:
-            ordinals = np.arange(self.seen, self.seen + n, dtype=np.int64)
-        fill = max(0, min(self.capacity - self.seen, n))
-        if fill:
-            self.vectors[self.seen:self.seen + fill] = batch[:fill]
-            self.ordinals[self.seen:self.seen + fill] = ordinals[:fill]
-        if fill < n:
-            # Algorithm R: stream item i (0-based) replaces slot j ~ U[0, i] when j < capacity.
-            i = np.arange(self.seen + fill, self.seen + n, dtype=np.int64)
-            j = (self._rng.random(len(i)) * (i + 1)).astype(np.int64)
-            src = np.nonzero(j < self.capacity)[0] + fill
-            slots = j[src - fill]
-            # several items may hit the same slot in one batch: sequentially the last one wins
-            last = len(slots) - 1 - np.unique(slots[::-1], return_index=True)[1]
-            self.vectors[slots[last]] = batch[src[last]]
-            self.ordinals[slots[last]] = ordinals[src[last]]
-        self.seen += n
-
-    def sample(self) -> tuple[np.ndarray, np.ndarray]:
-        """(vectors, ordinals) held now, sorted by ordinal."""
-        k = self.size
-        order = np.argsort(self.ordinals[:k], kind="stable")
-        return self.vectors[:k][order], self.ordinals[:k][order]
 
 
 @dataclass
@@ -86,7 +37,7 @@ class ShardScan:
 
     @property
     def complete(self) -> bool:
-        """The sample holds every row, in ordinal order (the corpus fits the reservoir)."""
+        """The sample holds every row, in ordinal order (the corpus fits the sample size)."""
         return len(self.ordinals) == self.total
 
 

@@ -1,6 +1,6 @@
 """Build every Matryoshka tier of a version from its Parquet shards and measure their quality.
 
-Memory is bounded by the reservoir sample plus one shard (per parallel task), not by the corpus:
+Memory is bounded by the sample plus one shard (per parallel task), not by the corpus:
 
   1. sample   row counts (-> ordinal offsets) and a uniform sample of `train_sample + quality_sample`
               full-width rows (float16), drawn by one task per shard (sampling.py)
