@@ -74,7 +74,7 @@ def _compact(store: Storage, base: Manifest, uri: str, log: Log) -> Manifest:
     dead = read_tombstones(store, base)
     offsets = np.cumsum([0] + [s.rows for s in base.shards]).tolist()
     offset = offsets[-1]
-    calls = [(store.root, store.options, s.path, offsets[i], f"{layout.run_dir(run_id)}/part-{i:05d}.parquet")
+    calls = [(store.root, store.options, s.path, offsets[i], layout.part_path(run_id, f"{i:05d}"))
              for i, s in enumerate(base.shards)]
     shards = [s for s in run_tasks(_compact_shard, calls, shared={"dead": dead}) if s is not None]
     index_cfg = IndexConfig.model_validate({**base.config.get("index", {}), "uri": uri, "storage": {}})

@@ -29,10 +29,6 @@ def extendable(entries: Sequence[TierEntry], max_deltas: int) -> bool:
     return all(e.metric == "ip" and len(e.deltas) < max_deltas for e in entries)
 
 
-def delta_tier_path(run_id: str, dim: int) -> str:
-    return f"{layout.run_dir(run_id)}/tier-{dim:05d}-delta.faiss"
-
-
 def empty_trained(store: Storage, entry: TierEntry) -> faiss.Index:
     """The tier's trained index with no vectors (IDMap wrappers peeled off). Indexes that need no
     training (Flat, HNSW, ...) are made from the factory string; trained ones are read from the tier's
@@ -88,7 +84,7 @@ def extend_tiers(store: Storage, base: Sequence[TierEntry], delta_paths: Sequenc
         update = {"deltas": deltas, "sha256": hashes, "ntotal": offset + added}
         if entry.dim in indexes:
             t0 = time.perf_counter()
-            rel = delta_tier_path(run_id, entry.dim)
+            rel = layout.tier_delta_path(run_id, entry.dim)
             data = tiers.serialize(indexes.pop(entry.dim))
             store.write_bytes(rel, data)
             deltas.append(rel)

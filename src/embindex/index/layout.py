@@ -1,4 +1,5 @@
-"""On-disk layout of an index (a contract; the whole list, with the tier layouts, in docs/manifest.md):
+"""On-disk layout of an index: every path embindex writes is made here (a contract; the whole list, with
+the tier layouts, in docs/manifest.md):
 
     INDEX_URI/
       _latest                          current version name, switched last (compare-and-swap)
@@ -53,5 +54,49 @@ def token_index_path(run_id: str) -> str:
     return f"{run_dir(run_id)}/tokens.faiss"
 
 
+def commits_dir(run_id: str) -> str:
+    return f"{run_dir(run_id)}/_commits"
+
+
+def commit_path(run_id: str, fragment_id: str) -> str:
+    return f"{commits_dir(run_id)}/{fragment_id}.json"
+
+
+def run_record_path(run_id: str) -> str:
+    """The run's kind, base and fingerprint, written when it starts."""
+    return f"{run_dir(run_id)}/_run.json"
+
+
+def published_path(run_id: str) -> str:
+    """The version a run published, written between claiming it and switching _latest."""
+    return f"{run_dir(run_id)}/_published.json"
+
+
 def tier_path(run_id: str, dim: int) -> str:
+    """A tier's index file ("single" layout; the IVF header of "ondisk")."""
     return f"{run_dir(run_id)}/tier-{dim:05d}.faiss"
+
+
+def tier_ivfdata_path(run_id: str, dim: int) -> str:
+    """The on-disk inverted lists of an "ondisk" tier."""
+    return f"{run_dir(run_id)}/tier-{dim:05d}.ivfdata"
+
+
+def tier_shard_path(run_id: str, dim: int, i: int) -> str:
+    """A "shards" tier's index over Parquet shard i (and an "ondisk" tier's partial before the merge)."""
+    return f"{run_dir(run_id)}/tier-{dim:05d}/shard-{i:05d}.faiss"
+
+
+def tier_delta_path(run_id: str, dim: int) -> str:
+    """The index of the rows a reindex added to a tier."""
+    return f"{run_dir(run_id)}/tier-{dim:05d}-delta.faiss"
+
+
+def token_partial_path(run_id: str, i: int) -> str:
+    """Shard i's token vectors before the merge into tokens.faiss."""
+    return f"{run_dir(run_id)}/tokens/part-{i:05d}.faiss"
+
+
+def ivfdata_beside(index_path: str) -> str:
+    """The on-disk lists file next to an IVF index header (x.faiss -> x.ivfdata)."""
+    return index_path[: -len(".faiss")] + ".ivfdata"

@@ -80,15 +80,6 @@ def token_ids(lengths: np.ndarray, offset: int) -> np.ndarray:
     return np.repeat(np.arange(offset, offset + len(lengths), dtype=np.int64), lengths)
 
 
-def partial_rel(run_id: str, i: int) -> str:
-    return f"{layout.run_dir(run_id)}/tokens/part-{i:05d}.faiss"
-
-
-def ivfdata_rel(rel: str) -> str:
-    """The on-disk lists file next to an IVF token index header."""
-    return rel[: -len(".faiss")] + ".ivfdata"
-
-
 def fill_token_shard(root: str, options: StorageOptions, shard_rel: str, offset: int, out_rel: str,
                      wrap_ids: bool, trained: bytes) -> dict[str, Any]:
     """Ray task: one shard's token vectors into a copy of `trained` (ids = row ordinals), written to `out_rel`."""
@@ -129,7 +120,7 @@ def fill_token_shards(store: Storage, shard_paths: Sequence[str], trained: faiss
                       wrap_ids: bool) -> list[dict[str, Any]]:
     """One fill task per shard (Ray tasks when Ray is up); results in shard order."""
     offsets = np.cumsum([0] + [shard_rows(store, rel) for rel in shard_paths])[:-1]
-    calls = [(store.root, store.options, rel, int(off), partial_rel(run_id, i), wrap_ids)
+    calls = [(store.root, store.options, rel, int(off), layout.token_partial_path(run_id, i), wrap_ids)
              for i, (rel, off) in enumerate(zip(shard_paths, offsets))]
     return run_tasks(fill_token_shard, calls, shared={"trained": tiers.serialize(trained)})
 
@@ -209,7 +200,7 @@ def _merge_flat(store: Storage, trained: faiss.Index, results: Sequence[dict[str
 
 
 def _merge_ivf(store: Storage, trained: faiss.Index, results: Sequence[dict[str, Any]], rel: str) -> None:
-    data_rel = ivfdata_rel(rel)
+    data_rel = layout.ivfdata_beside(rel)
     with _local_output(store, [rel, data_rel]) as (header_path, data_path):
         merge_ondisk(trained, _partials(store, results), [r["list_sizes"] for r in results], header_path,
                      data_path)
@@ -266,7 +257,7 @@ def build_token_index(store: Storage, shard_paths: Sequence[str], dim: int, run_
     entry: dict[str, Any] = {"file": rel, "files": [rel], "factory": "IDMap2,Flat" if ivf is None else factory,
                              "vectors": int(sum(r["ntotal"] for r in results))}
     if ivf is not None:
-        entry.update(files=[rel, ivfdata_rel(rel)], nprobe=min(ivf.nlist, max(TOKEN_MIN_NPROBE, ivf.nlist // 16)))
+        entry.update(files=[rel, layout.ivfdata_beside(rel)], nprobe=min(ivf.nlist, max(TOKEN_MIN_NPROBE, ivf.nlist // 16)))
     return entry
 
 

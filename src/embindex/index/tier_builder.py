@@ -31,7 +31,7 @@ import numpy as np
 
 from ..config import IndexConfig
 from ..storage import Storage, is_remote
-from . import tiers
+from . import layout, tiers
 from .factories import auto_factory, default_search_params, ivf_of, make_index, metric_name
 from ..ray_runtime import run_tasks
 from .filling import FillJob, fill_shard
@@ -40,7 +40,7 @@ from .manifest import TierEntry
 from .merge import merge_ondisk
 from .quality import quality_report, split_queries
 from .sampling import ShardScan, sample_shards
-from .tier_io import ONDISK, SHARDS, SINGLE, file_sha256, index_rel, ivfdata_rel, shard_index_rel
+from .tier_io import ONDISK, SHARDS, SINGLE, file_sha256
 from .training import train_index
 from .vector_io import read_vectors
 
@@ -102,7 +102,7 @@ def _fill_single(store: Storage, shard_paths: Sequence[str], scan: ShardScan, pl
         del full
     for p in plans:
         data = tiers.serialize(p.index)
-        rel = index_rel(run_id, p.dim)
+        rel = layout.tier_path(run_id, p.dim)
         store.write_bytes(rel, data)
         p.files, p.nbytes = [rel], len(data)
         p.sha256 = {rel: hashlib.sha256(data).hexdigest()}
@@ -116,7 +116,7 @@ def _fill_parallel(store: Storage, shard_paths: Sequence[str], scan: ShardScan, 
         return {}
     calls = []
     for i, (rel, off) in enumerate(zip(shard_paths, scan.offsets)):
-        jobs = [FillJob(p.dim, shard_index_rel(run_id, p.dim, i), wrap_ids=p.layout == SHARDS) for p in plans]
+        jobs = [FillJob(p.dim, layout.tier_shard_path(run_id, p.dim, i), wrap_ids=p.layout == SHARDS) for p in plans]
         calls.append((store.root, store.options, rel, off, jobs))
     trained = {p.dim: tiers.serialize(p.trained) for p in plans}
     results = run_tasks(fill_shard, calls, shared={"trained": trained})
@@ -138,7 +138,7 @@ def _fill_parallel(store: Storage, shard_paths: Sequence[str], scan: ShardScan, 
 def _merge(store: Storage, plan: TierPlan, results: list[dict[str, Any]], run_id: str) -> None:
     """Merge one IVF tier's shard indexes into tier-<dim>.faiss + tier-<dim>.ivfdata; drop the shard files."""
     t0 = time.perf_counter()
-    idx_rel, data_rel = index_rel(run_id, plan.dim), ivfdata_rel(run_id, plan.dim)
+    idx_rel, data_rel = layout.tier_path(run_id, plan.dim), layout.tier_ivfdata_path(run_id, plan.dim)
     local = not is_remote(store.root)
     workdir = os.path.dirname(store.fs_path(data_rel)) if local else tempfile.mkdtemp(prefix="embindex-merge-")
     os.makedirs(workdir, exist_ok=True)
@@ -191,7 +191,7 @@ def build_tiers(store: Storage, shard_paths: Sequence[str], dim: int, tier_dims:
     plans = [plan_tier(d, cfg.factory_for(d), n, cfg) for d in tier_dims]
     if n == 0:
         entries = [TierEntry(dim=p.dim, factory=p.factory, metric=metric_name(p.factory),
-                             files=[index_rel(run_id, p.dim)], layout=p.layout, ntotal=0) for p in plans]
+                             files=[layout.tier_path(run_id, p.dim)], layout=p.layout, ntotal=0) for p in plans]
         return entries, {"k": 10, "queries": 0, "rescore_factor": cfg.rescore, "tiers": {}}
     q_pos, train_pos = split_queries(scan.ordinals, cfg.quality_sample)
     _train(plans, scan.vectors[train_pos].astype(np.float32))

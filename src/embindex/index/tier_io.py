@@ -26,21 +26,8 @@ from typing import Any, Iterator, Sequence
 from .faiss_lib import faiss
 
 from ..storage import Storage, is_remote, with_retries
-from . import layout
 
 SINGLE, SHARDS, ONDISK = "single", "shards", "ondisk"
-
-
-def index_rel(run_id: str, dim: int) -> str:
-    return layout.tier_path(run_id, dim)
-
-
-def ivfdata_rel(run_id: str, dim: int) -> str:
-    return f"{layout.run_dir(run_id)}/tier-{dim:05d}.ivfdata"
-
-
-def shard_index_rel(run_id: str, dim: int, i: int) -> str:
-    return f"{layout.run_dir(run_id)}/tier-{dim:05d}/shard-{i:05d}.faiss"
 
 
 @contextlib.contextmanager
