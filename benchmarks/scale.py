@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=None, help="JSONL files per corpus (default max(16, rows/62500))")
     ap.add_argument("--num-cpus", type=int, default=3)
     ap.add_argument("--factory", default="auto", help="index.factory (default auto: Flat / HNSW / IVF by size)")
+    ap.add_argument("--src", default=None, help="run the builds with PYTHONPATH=<this src> (a snapshot, e.g. "
+                    "`git worktree add`, so that edits to the working tree cannot reach a long run's workers)")
     ap.add_argument("--compare-src", default=None, help="also run each size with PYTHONPATH=<this src>")
     ap.add_argument("--work", default=None, help="scratch folder (default a temp dir, removed at the end)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per build")
@@ -133,7 +135,7 @@ def main() -> None:
 
     work = args.work or tempfile.mkdtemp(prefix="embindex-scale-")
     os.makedirs(work, exist_ok=True)
-    variants = [("current", None)] + ([("previous", args.compare_src)] if args.compare_src else [])
+    variants = [("current", args.src)] + ([("previous", args.compare_src)] if args.compare_src else [])
     results = []
     try:
         for rows in args.rows:

@@ -32,14 +32,17 @@ class Stage(ABC):
 
 
 class TaskStage(Stage):
-    """A function `fn(table, **kwargs) -> table` per block, in Ray tasks."""
+    """A function `fn(table, **kwargs) -> table` per block, in Ray tasks (`task_options`: Ray Data's
+    options for them, e.g. num_cpus / concurrency; default one CPU each)."""
+
+    task_options: ClassVar[dict[str, Any]] = {}
 
     @abstractmethod
     def function(self) -> tuple[Callable[..., pa.Table], dict[str, Any]]: ...
 
     def apply(self, ds: Any) -> Any:
         fn, kwargs = self.function()
-        return ds.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
+        return ds.map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs, **self.task_options)
 
     def run(self, table: pa.Table) -> pa.Table:
         fn, kwargs = self.function()
