@@ -1,9 +1,12 @@
-"""Notebooks in notebooks/ are stored without outputs and execute top to bottom, producing their figures."""
+"""Notebooks in notebooks/ are saved with the outputs of a full run (notebooks/execute.py), and execute top to
+bottom again here on smaller inputs, producing their figures and results."""
 
 from __future__ import annotations
 
 import base64
+import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -50,13 +53,36 @@ def test_notebooks_present():
     assert {p.name for p in NOTEBOOKS} >= set(EXPECTED_FIGURES)
 
 
+def _outputs(nb) -> list:
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+
+
+def _check_outputs(name: str, outputs: list) -> str:
+    """No error; the figures and the printed results the notebook must produce. Returns the printed text."""
+    assert not [o for o in outputs if o.output_type == "error"]
+    pngs = [o.data["image/png"] for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
+    assert len(pngs) >= EXPECTED_FIGURES.get(name, 1), f"{name}: expected figures, got {len(pngs)}"
+    for png in pngs:
+        raw = base64.b64decode(png)
+        assert raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) > 20_000, "a real figure, not an empty canvas"
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    for expected in EXPECTED_TEXT.get(name, []):
+        assert expected in text, f"{name}: {expected!r} not in its output"
+    return text
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_outputs_stripped(path: Path):
+def test_saved_with_the_outputs_of_a_full_run(path: Path):
+    """What a reader sees without running anything: every code cell ran once, in order, and the saved
+    outputs hold the figures and results, without paths of the machine that ran them."""
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, "commit notebooks without outputs"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "run notebooks/execute.py"
+    outputs = _outputs(nb)
+    _check_outputs(path.name, outputs)
+    saved = json.dumps([o for o in outputs if o.output_type != "display_data"])
+    assert str(REPO) not in saved and tempfile.gettempdir() + "/" not in saved
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -65,6 +91,9 @@ def test_notebook_executes(path: Path, tmp_path: Path, ray_cluster):
     Ray through $RAY_ADDRESS, as a notebook on a cluster joins it (without it, a notebook starts and
     stops a small local Ray of its own)."""
     nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:  # what this run produces, not the saved outputs
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
     env = {**NOTEBOOK_ENV.get(path.name, {}), "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     env_keep = {k: os.environ.get(k) for k in ("MPLBACKEND", *env)}
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
@@ -79,16 +108,9 @@ def test_notebook_executes(path: Path, tmp_path: Path, ray_cluster):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
-    pngs = [o.data["image/png"] for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
-    assert len(pngs) >= EXPECTED_FIGURES.get(path.name, 1), f"{path.name}: expected figures, got {len(pngs)}"
-    for i, png in enumerate(pngs):
-        raw = base64.b64decode(png)
-        assert raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) > 20_000, "a real figure, not an empty canvas"
-        (tmp_path / f"{path.stem}-{i}.png").write_bytes(raw)
-    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    for expected in EXPECTED_TEXT.get(path.name, []):
-        assert expected in text, f"{path.name}: {expected!r} not in its output"
+    outputs = _outputs(nb)
+    text = _check_outputs(path.name, outputs)
+    for i, o in enumerate(o for o in outputs if o.output_type == "display_data" and "image/png" in o.data):
+        (tmp_path / f"{path.stem}-{i}.png").write_bytes(base64.b64decode(o.data["image/png"]))
     if path.name == "multivector_maxsim.ipynb":  # search over token candidates == brute-force MaxSim, per query
         assert text.count("same top-5 ids: True, same scores: True") == 5

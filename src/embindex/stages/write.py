@@ -13,11 +13,11 @@ from .base import TaskStage
 
 class Write(TaskStage):
     """The commit point: it must keep pace with the embed stage. Its tasks reserve no CPU (they mostly
-    wait on storage), so a read stage that takes every free CPU slot for the whole run cannot hold
-    embedded fragments back from being written and committed; two run at a time."""
+    wait on storage, and at most one runs per embedded fragment), so a read stage that takes every free
+    CPU slot for the whole run cannot hold embedded fragments back from being written and committed."""
 
     name = "write"
-    task_options = {"num_cpus": 0, "concurrency": 2}
+    task_options = {"num_cpus": 0}
 
     def __init__(self, root: str, storage: dict[str, Any], run_id: str, stage_columns: list[str] | None = None):
         self.root, self.storage, self.run_id = root, storage, run_id
