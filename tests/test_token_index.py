@@ -143,8 +143,8 @@ def test_large_token_counts_go_to_an_ivf_index_on_disk(ray_cluster, tmp_path, mo
     store = Storage(str(tmp_path / "idx"))
     paths, mats = write_shards(store, 3, rows=30, dim=16, seed=6)
     n = sum(len(m) for m in mats)
-    assert multivector.shard_token_counts(store, paths, 16) == [len(np.concatenate(mats[i * 30:(i + 1) * 30]))
-                                                                for i in range(3)]  # from the footers
+    assert multivector.shard_footer_counts(store, paths, 16) == ([30] * 3, [len(np.concatenate(mats[i * 30:(i + 1) * 30]))
+                                                                      for i in range(3)])  # from the footers
     assert build_token_index(store, paths, 16, "small")["factory"] == "IDMap2,Flat"
     monkeypatch.setattr(multivector, "TOKEN_FLAT_MAX", n - 1)
     entry = build_token_index(store, paths, 16, "large")

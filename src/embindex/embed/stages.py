@@ -202,8 +202,7 @@ class EmbedActor:
         self.outputs = OutputsConfig.model_validate_json(outputs_json)
         self.mode = self.outputs.mode
         self.dtype_choice = None
-        if cfg.dtype == "auto" and getattr(self.embedder.encoder, "device", None) is not None \
-                and self.embedder.encoder.device.type == "cpu":  # bf16 where this CPU runs it like fp32
+        if cfg.dtype == "auto" and self.embedder.encoder.device.type == "cpu":  # bf16 where it runs like fp32
             self.dtype_choice = choose_cpu_dtype(self.embedder, task, multivector=self.mode == "multivector")
         self.task = task
         self.dim = self.embedder.info.dim

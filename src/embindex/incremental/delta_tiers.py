@@ -65,15 +65,14 @@ def extend_tiers(store: Storage, base: Sequence[TierEntry], delta_paths: Sequenc
         vectors = read_vectors(store, rel, dtype=np.float32)
         if not len(vectors):
             continue
+        ids = np.arange(offset + added, offset + added + len(vectors), dtype=np.int64)
         for entry in base:
             t0 = time.perf_counter()
-            part = tiers.truncate(vectors, entry.dim)
-            ids = np.arange(offset + added, offset + added + len(vectors), dtype=np.int64)
-            if entry.dim in indexes:
-                indexes[entry.dim].add_with_ids(np.ascontiguousarray(part, dtype=np.float32), ids)
-            else:
+            part = np.ascontiguousarray(tiers.truncate(vectors, entry.dim), dtype=np.float32)
+            if entry.dim not in indexes:  # the tier's trained index, emptied, ids kept where it has none
                 trained = empty_trained(store, entry)
-                indexes[entry.dim] = fill_index(trained, part, offset + added, ivf_of(trained) is None)
+                indexes[entry.dim] = fill_index(trained, part[:0], 0, ivf_of(trained) is None)
+            indexes[entry.dim].add_with_ids(part, ids)
             del part
             seconds[entry.dim] += time.perf_counter() - t0
         added += len(vectors)

@@ -40,6 +40,7 @@ from .factories import ivf_nlist, ivf_of, make_index
 from ..ray_runtime import run_tasks
 from .filling import fill_index, list_sizes
 from .merge import merge_ondisk
+from .sampling import draw_positions, split_sample
 from .shards import read_table
 from .tier_io import TierCache, read_ondisk
 from .training import train_index
@@ -96,9 +97,7 @@ def fill_token_shard(root: str, options: StorageOptions, shard_rel: str, offset:
 def _draw_tokens(root: str, options: StorageOptions, rel: str, take: int, seed: int) -> np.ndarray:
     """Task: `take` token vectors of one shard drawn uniformly without replacement (all when fewer)."""
     vecs, _ = shard_tokens(read_table(Storage(root, options), rel, columns=["token_vectors"]))
-    if take >= len(vecs):
-        return vecs
-    return vecs[np.sort(np.random.default_rng(seed).choice(len(vecs), size=take, replace=False))]
+    return vecs[draw_positions(len(vecs), take, seed)]
 
 
 def sample_tokens(store: Storage, shard_paths: Sequence[str], capacity: int, dim: int, seed: int = 0,
@@ -106,10 +105,8 @@ def sample_tokens(store: Storage, shard_paths: Sequence[str], capacity: int, dim
     """A uniform sample of min(capacity, tokens) token vectors over all shards: the sample size split over
     the shards by a multivariate hypergeometric draw on their token counts (`counts`, else the footers'),
     then one task per shard draws its share. The driver holds the sample only."""
-    counts = np.asarray(counts if counts is not None else shard_token_counts(store, shard_paths, dim), np.int64)
-    rng = np.random.default_rng(seed)
-    take = counts if capacity >= counts.sum() else rng.multivariate_hypergeometric(counts, capacity)
-    seeds = rng.integers(0, 2**31, size=len(counts))
+    counts = counts if counts is not None else shard_footer_counts(store, shard_paths, dim)[1]
+    take, seeds = split_sample(counts, capacity, seed)
     calls = [(store.root, store.options, rel, int(t), int(seeds[i]))
              for i, (rel, t) in enumerate(zip(shard_paths, take)) if t > 0]
     parts = run_tasks(_draw_tokens, calls)
@@ -117,9 +114,11 @@ def sample_tokens(store: Storage, shard_paths: Sequence[str], capacity: int, dim
 
 
 def fill_token_shards(store: Storage, shard_paths: Sequence[str], trained: faiss.Index, run_id: str,
-                      wrap_ids: bool) -> list[dict[str, Any]]:
-    """One fill task per shard (Ray tasks when Ray is up); results in shard order."""
-    offsets = np.cumsum([0] + [shard_rows(store, rel) for rel in shard_paths])[:-1]
+                      wrap_ids: bool, rows: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """One fill task per shard (Ray tasks when Ray is up); results in shard order. `rows`: the shards'
+    row counts (row-ordinal offsets), else read from their footers here."""
+    rows = rows if rows is not None else [shard_rows(store, rel) for rel in shard_paths]
+    offsets = np.cumsum([0, *rows])[:-1]
     calls = [(store.root, store.options, rel, int(off), layout.token_partial_path(run_id, i), wrap_ids)
              for i, (rel, off) in enumerate(zip(shard_paths, offsets))]
     return run_tasks(fill_token_shard, calls, shared={"trained": tiers.serialize(trained)})
@@ -215,19 +214,21 @@ def _train_tokens(store: Storage, shard_paths: Sequence[str], factory: str, dim:
     return train_index(factory, dim, sample_tokens(store, shard_paths, train_sample, dim, seed, counts))
 
 
-def _footer_token_count(root: str, options: StorageOptions, rel: str, dim: int) -> int:
-    """Task: token vectors of one shard from its Parquet footer (leaf values / dim; no data read)."""
+def _footer_counts(root: str, options: StorageOptions, rel: str, dim: int) -> tuple[int, int]:
+    """Task: (rows, token vectors) of one shard from its Parquet footer (tokens = leaf values / dim; no
+    data read)."""
     store = Storage(root, options)
     with store.fs.open(store.fs_path(rel), "rb") as f:
         md = pq.ParquetFile(f).metadata
     cols = [j for j in range(md.num_columns) if md.schema.column(j).path.startswith("token_vectors.")]
-    return sum(md.row_group(g).column(j).num_values for g in range(md.num_row_groups) for j in cols) // max(dim, 1)
+    values = sum(md.row_group(g).column(j).num_values for g in range(md.num_row_groups) for j in cols)
+    return md.num_rows, values // max(dim, 1)
 
 
-def shard_token_counts(store: Storage, shard_paths: Sequence[str], dim: int) -> list[int]:
-    """Token vectors stored in each shard, from the footers (one task per shard)."""
-    return [int(n) for n in run_tasks(_footer_token_count, [(store.root, store.options, rel, dim)
-                                                           for rel in shard_paths])]
+def shard_footer_counts(store: Storage, shard_paths: Sequence[str], dim: int) -> tuple[list[int], list[int]]:
+    """Rows and token vectors stored in each shard, from the footers (one task per shard)."""
+    counts = run_tasks(_footer_counts, [(store.root, store.options, rel, dim) for rel in shard_paths])
+    return [int(r) for r, _ in counts], [int(t) for _, t in counts]
 
 
 def token_factory(n_tokens: int) -> str:
@@ -243,13 +244,13 @@ def build_token_index(store: Storage, shard_paths: Sequence[str], dim: int, run_
     core (module docstring). `factory`: Flat, an IVF factory (on-disk lists, see `open_token_index`),
     or None to choose by size (`token_factory`). Returns the manifest's `token_index` entry: file,
     files (with the on-disk lists), factory, vectors and, for IVF, nprobe."""
-    counts = shard_token_counts(store, shard_paths, dim)
+    rows, counts = shard_footer_counts(store, shard_paths, dim)
     factory = factory or token_factory(sum(counts))
     trained = _train_tokens(store, shard_paths, factory, dim, train_sample, seed, counts)
     ivf = ivf_of(trained)
     if ivf is None and not isinstance(faiss.downcast_index(trained), faiss.IndexFlat):
         raise ValueError(f"token index factory {factory!r}: only Flat and IVF factories can be merged")
-    results = fill_token_shards(store, shard_paths, trained, run_id, wrap_ids=ivf is None)
+    results = fill_token_shards(store, shard_paths, trained, run_id, wrap_ids=ivf is None, rows=rows)
     rel = layout.token_index_path(run_id)
     (_merge_flat if ivf is None else _merge_ivf)(store, faiss.downcast_index(trained), results, rel)
     for r in results:

@@ -41,6 +41,23 @@ class ShardScan:
         return len(self.ordinals) == self.total
 
 
+def split_sample(counts: Sequence[int], capacity: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """How many of `capacity` uniform draws fall in each of the parts of sizes `counts` (all of every part
+    when the capacity covers them; else a multivariate hypergeometric draw), and a seed per part for its
+    own draw (`draw_positions`). Together: a uniform sample without replacement of the whole."""
+    counts = np.asarray(counts, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    take = counts if capacity >= counts.sum() else rng.multivariate_hypergeometric(counts, capacity)
+    return take, rng.integers(0, 2**31, size=len(counts))
+
+
+def draw_positions(n: int, take: int, seed: int) -> np.ndarray:
+    """`take` of positions 0..n-1 drawn uniformly without replacement, sorted (all n when take >= n)."""
+    if take >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=take, replace=False)).astype(np.int64)
+
+
 def _count_rows(root: str, options: StorageOptions, rel: str) -> int:
     return shard_rows(Storage(root, options), rel)
 
@@ -53,12 +70,8 @@ def _draw_from_shard(root: str, options: StorageOptions, rel: str, take: int,
     with store.fs.open(store.fs_path(rel), "rb") as f:
         pf = pq.ParquetFile(f)
         n = pf.metadata.num_rows
-        if take >= n:
-            pos = np.arange(n, dtype=np.int64)
-            table = pf.read(columns=["vector"])
-        else:
-            pos = np.sort(np.random.default_rng(seed).choice(n, size=take, replace=False)).astype(np.int64)
-            table = read_rows(pf, pos, ["vector"])
+        pos = draw_positions(n, take, seed)
+        table = pf.read(columns=["vector"]) if len(pos) == n else read_rows(pf, pos, ["vector"])
     return as_matrix(table.column("vector"), np.float16), pos, n
 
 
@@ -72,11 +85,7 @@ def sample_shards(store: Storage, shard_paths: Sequence[str], capacity: int, dim
     rows = [int(r) for r in (rows if rows is not None else run_tasks(_count_rows, calls))]
     if len(rows) != len(shard_paths):
         raise ValueError(f"{len(rows)} row counts for {len(shard_paths)} shards")
-    total = sum(rows)
-    rng = np.random.default_rng(seed)
-    take = (np.asarray(rows, dtype=np.int64) if capacity >= total
-            else rng.multivariate_hypergeometric(np.asarray(rows, dtype=np.int64), capacity))
-    seeds = rng.integers(0, 2**31, size=len(rows))
+    take, seeds = split_sample(rows, capacity, seed)
     picked = [(i, int(t)) for i, t in enumerate(take) if t > 0]
     drawn = run_tasks(_draw_from_shard, [(*calls[i], t, int(seeds[i])) for i, t in picked])
     offsets = np.cumsum([0] + rows[:-1])

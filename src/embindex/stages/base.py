@@ -33,7 +33,7 @@ class Stage(ABC):
 
 class TaskStage(Stage):
     """A function `fn(table, **kwargs) -> table` per block, in Ray tasks (`task_options`: Ray Data's
-    options for them, e.g. num_cpus / concurrency; default one CPU each)."""
+    options for them, e.g. num_cpus; default one CPU each)."""
 
     task_options: ClassVar[dict[str, Any]] = {}
 
