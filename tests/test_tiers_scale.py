@@ -146,15 +146,17 @@ def test_extend_tiers_streams_the_delta_one_shard_at_a_time(corpus, tmp_path, fa
         store.write_bytes(delta_paths[-1], store_d.read_bytes(p))
     from embindex.incremental import delta_tiers
 
-    held = []  # Python-side bytes alive just after each shard read (FAISS's own memory is not counted)
+    held = []  # Python-side bytes alive just after each shard read that extend_tiers' calls allocated
+    # (FAISS's own memory is not counted; neither are other threads', e.g. a session's Ray)
 
     def read_and_measure(*a, **k):
         v = read_vectors(*a, **k)
-        held.append(tracemalloc.get_traced_memory()[0])
+        mine = tracemalloc.Filter(True, delta_tiers.__file__, all_frames=True)
+        held.append(sum(t.size for t in tracemalloc.take_snapshot().filter_traces([mine]).traces))
         return v
 
     monkeypatch.setattr(delta_tiers, "read_vectors", read_and_measure)
-    tracemalloc.start()
+    tracemalloc.start(30)
     entries = extend_tiers(store, base, delta_paths, SHARD_ROWS[0], "day2")
     tracemalloc.stop()
     shard_bytes = delta_rows[0] * DIM * 4
