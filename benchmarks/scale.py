@@ -81,18 +81,50 @@ def config(corpus: str, index: str, num_cpus: int, factory: str) -> dict:
     }
 
 
+class AnonPeak:
+    """Peak of the driver's anonymous resident memory (RssAnon: heap, arrays; not file pages a mapping
+    brought in, which ru_maxrss also counts), sampled every 0.2 s by a thread."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.sample()
+
+    def sample(self) -> None:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+
+    def stop_mb(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        return self.peak_kb / 1024
+
+
 def child(args: argparse.Namespace) -> None:
     """One build; prints one JSON line (prefixed RESULT) with the driver's peak RSS and the timings."""
     import embindex
 
     cfg = json.loads(args.child)
+    anon = AnonPeak()
     t = time.perf_counter()
     result = embindex.build(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
     wall = time.perf_counter() - t
+    anon_mb = anon.stop_mb()
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     m = result.manifest
     print("RESULT " + json.dumps({
         "embindex": embindex.__file__, "wall_s": round(wall, 2), "driver_peak_rss_mb": round(rss_mb, 1),
+        "driver_peak_anon_mb": round(anon_mb, 1),
         "timings": result.timings, "counts": result.counts,
         "fragments": (m.source or {}).get("fragments"), "shards": len(m.shards),
         "tiers": [(t.dim, t.factory, getattr(t, "layout", None)) for t in m.tiers],
@@ -157,20 +189,21 @@ def main() -> None:
                         json.dump(results, f, indent=1)
                 t = r["timings"]
                 print(f"[scale] {name:8s} {rows:>9d} rows: wall {r['wall_s']:.1f}s, driver peak RSS "
-                      f"{r['driver_peak_rss_mb']:.0f} MB ({r['embindex']})", flush=True)
+                      f"{r['driver_peak_rss_mb']:.0f} MB, anon {r.get('driver_peak_anon_mb', 0):.0f} MB ({r['embindex']})",
+                      flush=True)
                 shutil.rmtree(index, ignore_errors=True)
             shutil.rmtree(corpus, ignore_errors=True)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
 
-    print("\n| code | rows | fragments | documents | driver peak RSS MB | wall s | read_s | first_batch_s | "
+    print("\n| code | rows | fragments | documents | driver peak RSS MB | peak RssAnon MB | wall s | read_s | first_batch_s | "
           "pipeline_s | tiers_s | total_s | rows/s (total) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         t, c = r["timings"], r["counts"]
         print(f"| {r['variant']} | {r['rows']:,} | {r['fragments']} | {c.get('documents', 0):,} | "
-              f"{r['driver_peak_rss_mb']:.0f} | {r['wall_s']:.1f} | {t.get('read_s', 0):.1f} | "
+              f"{r['driver_peak_rss_mb']:.0f} | {r.get('driver_peak_anon_mb', 0):.0f} | {r['wall_s']:.1f} | {t.get('read_s', 0):.1f} | "
               f"{t.get('first_batch_s', float('nan')):.1f} | {t.get('pipeline_s', 0):.1f} | "
               f"{t.get('tiers_s', 0):.1f} | {t.get('total_s', 0):.1f} | {r['rows'] / t['total_s']:,.0f} |")
     print()
@@ -180,7 +213,9 @@ def main() -> None:
             lo, hi = rs[0], rs[-1]
             print(f"{name}: driver peak RSS {hi['rows']:,} / {lo['rows']:,} rows = "
                   f"{hi['driver_peak_rss_mb'] / lo['driver_peak_rss_mb']:.2f}x "
-                  f"({hi['driver_peak_rss_mb']:.0f} / {lo['driver_peak_rss_mb']:.0f} MB)")
+                  f"({hi['driver_peak_rss_mb']:.0f} / {lo['driver_peak_rss_mb']:.0f} MB); peak RssAnon "
+                  f"{hi['driver_peak_anon_mb'] / lo['driver_peak_anon_mb']:.2f}x "
+                  f"({hi['driver_peak_anon_mb']:.0f} / {lo['driver_peak_anon_mb']:.0f} MB)")
     for r in results:
         print(f"tiers {r['variant']} {r['rows']:,}: {r['tiers']}")
 

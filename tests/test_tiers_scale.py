@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from embindex.config import IndexConfig
-from embindex.index import tiers
+from embindex.index import tier_builder, tiers
 from embindex.index.factories import auto_factory, make_index
 from embindex.index.filling import fill_index, list_sizes
 from embindex.index.manifest import TierEntry
@@ -314,9 +314,14 @@ def ivf(index):
 
 
 @pytest.mark.timeout(300)
-def test_build_tiers_in_ray_tasks_equals_one_process(ray_cluster, corpus):
-    """The pipeline path: Ray fill tasks (one per shard), on-disk merge for IVF, shards for Flat/binary."""
+def test_build_tiers_in_ray_tasks_equals_one_process(ray_cluster, corpus, monkeypatch):
+    """The pipeline path: Ray fill tasks (one per shard), on-disk merge for IVF in a task (it maps every
+    shard's lists: not on the driver), shards for Flat/binary."""
     store, paths, stored = corpus
+
+    def refuse(*a, **k):
+        raise AssertionError("the on-disk merge ran on the driver")
+    monkeypatch.setattr(tier_builder, "merge_ondisk", refuse)  # tasks import their own copy
     cfg = IndexConfig(uri=store.root, factory={"16": "Binary", "32": "IVF16,PQ8x4", "default": "Flat"},
                       quality_sample=40, single_file_max_rows=0)
     entries, quality = build_tiers(store, paths, DIM, [16, 32, DIM], cfg, "run")
@@ -324,6 +329,7 @@ def test_build_tiers_in_ray_tasks_equals_one_process(ray_cluster, corpus):
     assert [by_dim[d].layout for d in (16, 32, DIM)] == ["shards", "ondisk", "shards"]
     assert by_dim[16].metric == "hamming" and by_dim[32].search_params == {"nprobe": 8}
     assert not (store.exists("shards/run/tier-00032/shard-00000.faiss"))  # merged, then removed
+    assert by_dim[32].build["merge_task_peak_rss_mb"] > 0 and by_dim[32].build["merge_s"] >= 0
     # the served IVF tier == the same trained index filled in one process
     served = open_tier(store, by_dim[32])
     one = empty_copy(store, by_dim[32])

@@ -56,9 +56,18 @@ def queries(mats: list[np.ndarray], n: int = 12, seed: int = 1) -> np.ndarray:
                            rng.standard_normal((n, stored.shape[1]))]).astype(np.float32)
 
 
-def test_flat_token_index_is_byte_identical_and_built_in_tasks(ray_cluster, tmp_path):
+def refuse_on_the_driver(monkeypatch, module, *names):
+    """Patch `names` in this process to raise: Ray tasks import their own, unpatched copy."""
+    def refuse(*a, **k):
+        raise AssertionError("ran on the driver")
+    for name in names:
+        monkeypatch.setattr(module, name, refuse)
+
+
+def test_flat_token_index_is_byte_identical_and_built_in_tasks(ray_cluster, tmp_path, monkeypatch):
     store = Storage(str(tmp_path / "idx"))
     paths, mats = write_shards(store, 4, rows=7, dim=8)
+    refuse_on_the_driver(monkeypatch, multivector, "write_flat_idmap")  # the merge is a task too
     entry = build_token_index(store, paths, 8, "r")
     rel = entry["file"]
     ref = reference_index(mats, 8)
@@ -97,8 +106,9 @@ def test_driver_never_holds_every_token_vector(ray_cluster, tmp_path):
     np.testing.assert_array_equal(token_candidates(open_token_index(store, entry), q, 20), ref_ids)
 
 
-def test_ivf_token_index_trained_on_a_sample(ray_cluster, tmp_path):
+def test_ivf_token_index_trained_on_a_sample(ray_cluster, tmp_path, monkeypatch):
     store = Storage(str(tmp_path / "idx"))
+    refuse_on_the_driver(monkeypatch, multivector, "merge_ondisk")  # the merge maps every partial: a task
     paths, mats = write_shards(store, 3, rows=30, dim=16, seed=5)
     entry = build_token_index(store, paths, 16, "r", factory="IVF4,Flat", train_sample=300)
     rel = entry["file"]

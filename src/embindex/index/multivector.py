@@ -9,14 +9,16 @@ The token index is built out of core (`build_token_index`), like the tiers (tier
   3. fill     one Ray task per shard (filling.run_tasks / fill_index): reads that shard's token
               vectors, adds them to a copy of the empty/trained index with id = row ordinal, writes
               a partial index under shards/<run>/tokens/
-  4. merge    one partial at a time into shards/<run>/tokens.faiss; partials are then removed.
+  4. merge    in one task, one partial at a time into shards/<run>/tokens.faiss; partials are
+              then removed.
               Flat (the default, what the manifest calls "IDMap2,Flat"): the file is streamed in
               FAISS's own IndexIDMap2(IndexFlat) format, byte for byte what `faiss.serialize_index`
               writes for the same index, so search/reader.py reads it as before. IVF factories: FAISS
               on-disk layout (tokens.faiss header + tokens.ivfdata, merge.py), opened with
               `open_token_index`.
 
-Driver memory: one partial index (the Flat merge) plus the training sample.
+Driver memory: the training sample. A task holds one partial index at a time (the IVF merge maps
+every partial's lists).
 """
 
 from __future__ import annotations
@@ -191,18 +193,20 @@ def _local_output(store: Storage, rels: Sequence[str]) -> Iterator[list[str]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _merge_flat(store: Storage, trained: faiss.Index, results: Sequence[dict[str, Any]], rel: str) -> None:
-    ntotal = sum(r["ntotal"] for r in results)
-    with _local_output(store, [rel]) as (path,):
-        with open(path, "wb") as f:
-            write_flat_idmap(f, trained, _partials(store, results), ntotal)
-
-
-def _merge_ivf(store: Storage, trained: faiss.Index, results: Sequence[dict[str, Any]], rel: str) -> None:
-    data_rel = layout.ivfdata_beside(rel)
-    with _local_output(store, [rel, data_rel]) as (header_path, data_path):
-        merge_ondisk(trained, _partials(store, results), [r["list_sizes"] for r in results], header_path,
-                     data_path)
+def merge_token_partials(root: str, options: StorageOptions, trained: bytes, results: Sequence[dict[str, Any]],
+                         rel: str) -> None:
+    """Task: merge the partial token indexes into `rel` (Flat: one streamed IDMap2 file; IVF: header +
+    on-disk lists beside it), off the driver (an IVF merge maps every partial's lists)."""
+    store = Storage(root, options)
+    owner = tiers.deserialize(trained)
+    index = faiss.downcast_index(owner)  # a view: `owner` keeps the C++ object alive
+    if ivf_of(index) is None:
+        with _local_output(store, [rel]) as (path,):
+            with open(path, "wb") as f:
+                write_flat_idmap(f, index, _partials(store, results), sum(r["ntotal"] for r in results))
+        return
+    with _local_output(store, [rel, layout.ivfdata_beside(rel)]) as (header_path, data_path):
+        merge_ondisk(index, _partials(store, results), [r["list_sizes"] for r in results], header_path, data_path)
 
 
 def _train_tokens(store: Storage, shard_paths: Sequence[str], factory: str, dim: int, train_sample: int,
@@ -252,7 +256,7 @@ def build_token_index(store: Storage, shard_paths: Sequence[str], dim: int, run_
         raise ValueError(f"token index factory {factory!r}: only Flat and IVF factories can be merged")
     results = fill_token_shards(store, shard_paths, trained, run_id, wrap_ids=ivf is None, rows=rows)
     rel = layout.token_index_path(run_id)
-    (_merge_flat if ivf is None else _merge_ivf)(store, faiss.downcast_index(trained), results, rel)
+    run_tasks(merge_token_partials, [(store.root, store.options, tiers.serialize(trained), results, rel)])
     for r in results:
         store.delete(r["rel"])
     entry: dict[str, Any] = {"file": rel, "files": [rel], "factory": "IDMap2,Flat" if ivf is None else factory,

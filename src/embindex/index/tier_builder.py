@@ -12,8 +12,8 @@ Memory is bounded by the sample plus one shard (per parallel task), not by the c
   5. quality  recall@10 / latency per tier and for the funnel on the held-out queries (quality.py);
               IVF tiers are searched as their shards, loaded one at a time (same results as the
               merged index up to exact ties, see tests) so that no corpus-sized file is mapped here
-  6. merge    "ondisk" tiers: shard lists copied into one on-disk inverted-lists file (merge.py),
-              shard files removed
+  6. merge    "ondisk" tiers: one task per tier copies the shard lists into one on-disk
+              inverted-lists file (merge.py) and removes the shard files
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..config import IndexConfig
-from ..storage import Storage, is_remote
+from ..storage import Storage, StorageOptions, is_remote
 from . import layout, tiers
 from .factories import auto_factory, default_search_params, ivf_of, make_index, metric_name
 from ..ray_runtime import run_tasks
@@ -135,10 +135,14 @@ def _fill_parallel(store: Storage, shard_paths: Sequence[str], scan: ShardScan, 
     return per_tier
 
 
-def _merge(store: Storage, plan: TierPlan, results: list[dict[str, Any]], run_id: str) -> None:
-    """Merge one IVF tier's shard indexes into tier-<dim>.faiss + tier-<dim>.ivfdata; drop the shard files."""
+def merge_tier(root: str, options: StorageOptions, run_id: str, dim: int, results: list[dict[str, Any]],
+               trained: dict[int, bytes]) -> dict[str, Any]:
+    """Task: merge one IVF tier's shard indexes into tier-<dim>.faiss + tier-<dim>.ivfdata and drop the
+    shard files. Runs off the driver: the merge maps every shard's lists and writes the data file
+    through a mapping, so its resident pages grow with the tier. Returns files, bytes, hashes, seconds."""
     t0 = time.perf_counter()
-    idx_rel, data_rel = layout.tier_path(run_id, plan.dim), layout.tier_ivfdata_path(run_id, plan.dim)
+    store = Storage(root, options)
+    idx_rel, data_rel = layout.tier_path(run_id, dim), layout.tier_ivfdata_path(run_id, dim)
     local = not is_remote(store.root)
     workdir = os.path.dirname(store.fs_path(data_rel)) if local else tempfile.mkdtemp(prefix="embindex-merge-")
     os.makedirs(workdir, exist_ok=True)
@@ -147,22 +151,36 @@ def _merge(store: Storage, plan: TierPlan, results: list[dict[str, Any]], run_id
     header_path = os.path.join(header_tmp, os.path.basename(idx_rel))
     try:
         shards = (tiers.deserialize(store.read_bytes(r["rel"])) for r in results)
-        merge_ondisk(plan.trained, shards, [r["list_sizes"] for r in results], header_path, data_path)
+        merge_ondisk(tiers.deserialize(trained[dim]), shards, [r["list_sizes"] for r in results], header_path,
+                     data_path)
         with open(header_path, "rb") as f:
             header = f.read()
         store.write_bytes(idx_rel, header)
         if not local:
             store.fs.put_file(data_path, store.fs_path(data_rel))
-        plan.nbytes = len(header) + os.path.getsize(data_path)
-        plan.sha256 = {idx_rel: hashlib.sha256(header).hexdigest(), data_rel: file_sha256(data_path)}
+        out = {"files": [idx_rel, data_rel], "nbytes": len(header) + os.path.getsize(data_path),
+               "sha256": {idx_rel: hashlib.sha256(header).hexdigest(), data_rel: file_sha256(data_path)}}
     finally:
         shutil.rmtree(header_tmp, ignore_errors=True)
         if not local:
             shutil.rmtree(workdir, ignore_errors=True)
     for r in results:
         store.fs.rm(store.fs_path(r["rel"]))
-    plan.files = [idx_rel, data_rel]
-    plan.build["merge_s"] = round(time.perf_counter() - t0, 3)
+    out.update(seconds=round(time.perf_counter() - t0, 3), peak_rss_mb=round(_peak_rss_mb(), 1))
+    return out
+
+
+def _merge(store: Storage, plans: Sequence[TierPlan], per_tier: dict[int, list[dict[str, Any]]],
+           run_id: str) -> None:
+    """Merge the on-disk tiers, one task per tier."""
+    if not plans:
+        return
+    calls = [(store.root, store.options, run_id, p.dim, per_tier[p.dim]) for p in plans]
+    trained = {p.dim: tiers.serialize(p.trained) for p in plans}
+    for p, r in zip(plans, run_tasks(merge_tier, calls, shared={"trained": trained})):
+        p.files, p.nbytes, p.sha256 = r["files"], r["nbytes"], r["sha256"]
+        p.build["merge_s"] = r["seconds"]
+        p.build["merge_task_peak_rss_mb"] = r["peak_rss_mb"]
 
 
 def _searcher(store: Storage, plan: TierPlan, n_per_shard: Sequence[int]):
@@ -213,8 +231,7 @@ def build_tiers(store: Storage, shard_paths: Sequence[str], dim: int, tier_dims:
     t_quality = time.perf_counter()
     for p in plans:
         p.index = None
-        if p.layout == ONDISK:
-            _merge(store, p, per_tier[p.dim], run_id)
+    _merge(store, [p for p in plans if p.layout == ONDISK], per_tier, run_id)
     t_merge = time.perf_counter()
 
     entries = []
