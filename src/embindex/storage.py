@@ -14,16 +14,23 @@ import logging
 import os
 import posixpath
 import secrets
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any
 from urllib.parse import urlparse
 
 import fsspec
 import pyarrow.fs as pafs
 
 log = logging.getLogger("embindex.storage")
-T = TypeVar("T")
+
+# Retries: one layer, the object-store clients' own, configured here for both filesystems; embindex code
+# calls them once and never loops around them. S3 uses the AWS "standard" retry mode (botocore for
+# fsspec, the C++ SDK's for pyarrow): connection errors, timeouts, throttling and 5xx are retried with
+# jittered exponential backoff capped at 20 s, 10 attempts (about a minute: rides out an object-store
+# restart or a network blip); 4xx answers (missing object, failed precondition, denied) are not.
+# s3fs's own loop around botocore is switched off (retries=1: one call), so attempts do not multiply.
+# gcsfs retries 5xx / 429 / connection errors itself.
+S3_MAX_ATTEMPTS = 10
 
 
 @dataclass(frozen=True)
@@ -108,9 +115,12 @@ def fsspec_filesystem(uri: str, options: StorageOptions | None = None) -> fsspec
             client_kwargs["region_name"] = opts.region
         if client_kwargs:
             kwargs["client_kwargs"] = client_kwargs
+        kwargs["config_kwargs"] = {"retries": {"mode": "standard", "total_max_attempts": S3_MAX_ATTEMPTS}}
         # Listing caches hide objects written by other processes (e.g. Ray workers) from this one.
         kwargs["use_listings_cache"] = False
-        return fsspec.filesystem("s3", skip_instance_cache=True, **kwargs)
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, **kwargs)
+        fs.retries = 1  # s3fs's own loop (a class attribute) off: botocore's standard mode is the one layer
+        return fs
     if scheme in ("gs", "gcs"):
         given = options or StorageOptions()  # not the AWS environment
         gcs: dict[str, Any] = {"token": "anon" if given.anon else given.token}
@@ -131,7 +141,7 @@ def arrow_filesystem(uri: str, options: StorageOptions | None = None) -> pafs.Fi
         return pafs.LocalFileSystem()
     if scheme in ("s3", "s3a"):
         kwargs: dict[str, Any] = {"region": opts.region or "us-east-1",
-                                  "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=10)}
+                                  "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)}
         if opts.anon:
             kwargs["anonymous"] = True
         elif opts.key and opts.secret:
@@ -172,30 +182,10 @@ def _flocked(lock_path: str):
         os.close(fd)
 
 
-RETRY_DELAYS = (0.5, 1, 2, 4, 8, 15)  # ~30 s: rides out an object store restart or a network blip
-
-
-def with_retries(fn: Callable[[], T], what: str, delays: Sequence[float] = RETRY_DELAYS) -> T:
-    """Run `fn`, retrying transient I/O failures (connection errors, timeouts, 5xx) with backoff.
-    Missing or existing files, permission errors and failed preconditions are not retried."""
-    for attempt, delay in enumerate((*delays, None)):
-        try:
-            return fn()
-        except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError):
-            raise
-        except (OSError, TimeoutError, ConnectionError) as e:
-            if _s3_error_code(e) == "PreconditionFailed":  # a conditional write lost: an answer, not a fault
-                raise
-            if delay is None:
-                raise OSError(f"{what} failed after {attempt + 1} attempts: {e}") from e
-            log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(e).__name__, e, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
 class Storage:
-    """A root URI with its filesystem: read/write small files and list under it. Object-store calls are
-    retried on transient errors; writes are whole objects, so a retried write is idempotent."""
+    """A root URI with its filesystem: read/write small files and list under it. The client retries
+    transient object-store errors (see S3_MAX_ATTEMPTS); writes are whole objects, so a retried write
+    is idempotent."""
 
     def __init__(self, root: str, options: StorageOptions | None = None):
         self.root = root.rstrip("/") if is_remote(root) else strip_scheme(root)
@@ -209,14 +199,11 @@ class Storage:
         return strip_scheme(self.uri(rel))
 
     def exists(self, rel: str) -> bool:
-        return with_retries(lambda: self.fs.exists(self.fs_path(rel)), f"exists {rel}")
+        return self.fs.exists(self.fs_path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
-        def read() -> bytes:
-            with self.fs.open(self.fs_path(rel), "rb") as f:
-                return f.read()
-
-        return with_retries(read, f"read {rel}")
+        with self.fs.open(self.fs_path(rel), "rb") as f:
+            return f.read()
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
@@ -227,11 +214,8 @@ class Storage:
         if not is_remote(self.root):
             os.replace(self._local_temp(path, data), path)
             return
-        def put() -> None:
-            with self.fs.open(path, "wb") as f:
-                f.write(data)
-
-        with_retries(put, f"write {rel}")
+        with self.fs.open(path, "wb") as f:
+            f.write(data)
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
@@ -250,8 +234,7 @@ class Storage:
             return
         bucket, key = self._s3_key(rel)
         self._check_conditional_writes()
-        with_retries(lambda: self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"),
-                     f"create {rel}")
+        self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
 
     def read_tagged(self, rel: str) -> tuple[bytes | None, str | None]:
         """(content, tag) of `rel`, or (None, None) when absent; the tag is what `swap_bytes` compares."""
@@ -265,7 +248,7 @@ class Storage:
             return data, hashlib.sha256(data).hexdigest()
         self._s3_key(rel)
         try:  # the ETag first: if the object changes before the read, the swap fails on the old tag
-            etag = with_retries(lambda: self.fs.info(path)["ETag"], f"stat {rel}")
+            etag = self.fs.info(path)["ETag"]
             return self.read_bytes(rel), etag
         except FileNotFoundError:
             return None, None
@@ -286,8 +269,7 @@ class Storage:
         self._check_conditional_writes()
         cond = {"IfMatch": tag} if tag is not None else {"IfNoneMatch": "*"}
         try:
-            with_retries(lambda: self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **cond),
-                         f"swap {rel}")
+            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **cond)
         except FileExistsError:  # If-None-Match failed: someone created it
             return False
         except FileNotFoundError:  # If-Match on an object that was deleted
@@ -302,7 +284,7 @@ class Storage:
         """Remove a file or a folder; a missing one is not an error (two cleaners may race)."""
         path = self.fs_path(rel)
         try:
-            with_retries(lambda: self.fs.rm(path, recursive=True), f"delete {rel}")
+            self.fs.rm(path, recursive=True)
         except FileNotFoundError:
             pass
 
@@ -335,7 +317,7 @@ class Storage:
         rel = f"_probe/{secrets.token_hex(8)}"
         bucket, key = self.fs_path(rel).partition("/")[::2]
         put = lambda: self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"", IfNoneMatch="*")  # noqa: E731
-        with_retries(put, "conditional-write probe")
+        put()
         try:
             put()
             honoured = False
@@ -355,9 +337,6 @@ class Storage:
     def listdir(self, rel: str) -> list[str]:
         path = self.fs_path(rel)
 
-        def ls() -> list[str]:
-            if not self.fs.exists(path):
-                return []
-            return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
-
-        return with_retries(ls, f"list {rel}")
+        if not self.fs.exists(path):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..storage import Storage, StorageOptions, with_retries
+from ..storage import Storage, StorageOptions
 from . import layout
 
 DOC_COLUMNS = ["id", "chunk", "start", "end", "content_hash", "meta", "source", "vector"]
@@ -178,11 +178,8 @@ def count_documents(docs: pa.Table) -> int:
 
 
 def read_table(storage: Storage, rel: str, columns: list[str] | None = None) -> pa.Table:
-    def read() -> pa.Table:
-        with storage.fs.open(storage.fs_path(rel), "rb") as f:
-            return pq.read_table(f, columns=columns)
-
-    return with_retries(read, f"read {rel}")
+    with storage.fs.open(storage.fs_path(rel), "rb") as f:
+        return pq.read_table(f, columns=columns)
 
 
 def vectors_of(table: pa.Table, column: str = "vector") -> np.ndarray:

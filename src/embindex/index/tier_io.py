@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 
 from .faiss_lib import faiss
 
-from ..storage import Storage, is_remote, with_retries
+from ..storage import Storage, is_remote
 
 SINGLE, SHARDS, ONDISK = "single", "shards", "ondisk"
 
@@ -111,7 +111,7 @@ class TierCache:
             if sha256.get(r):
                 parts.append(sha256[r])
                 continue
-            info = with_retries(lambda r=r: store.fs.info(store.fs_path(r)), f"stat {r}")
+            info = store.fs.info(store.fs_path(r))
             stamp = info.get("ETag") or info.get("LastModified") or info.get("mtime") or ""
             parts.append(f"{store.uri(r)}|{info.get('size')}|{stamp}")
         if len(parts) == 1 and sha256.get(rels[0]):
@@ -125,7 +125,7 @@ class TierCache:
         try:
             for r in rels:
                 dst = os.path.join(tmp, os.path.basename(r))
-                with_retries(lambda r=r, dst=dst: store.fs.get_file(store.fs_path(r), dst), f"download {r}")
+                store.fs.get_file(store.fs_path(r), dst)
                 self.downloads += 1
                 if sha256.get(r) and file_sha256(dst) != sha256[r]:
                     raise OSError(f"{r}: downloaded file does not match the manifest's sha256")

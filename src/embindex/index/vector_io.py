@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..storage import Storage, with_retries
+from ..storage import Storage
 
 
 def as_matrix(col: pa.ChunkedArray | pa.Array, dtype: np.dtype | type) -> np.ndarray:
@@ -90,11 +90,8 @@ class ShardRows:
     def footer(self, s: int) -> pq.FileMetaData:
         """Parquet footer of shard s (read on first use)."""
         if s not in self._footers:
-            def read() -> pq.FileMetaData:
-                with self.store.fs.open(self.store.fs_path(self.paths[s]), "rb") as f:
-                    return pq.ParquetFile(f).metadata
-
-            self._footers[s] = with_retries(read, f"read footer of {self.paths[s]}")
+            with self.store.fs.open(self.store.fs_path(self.paths[s]), "rb") as f:
+                self._footers[s] = pq.ParquetFile(f).metadata
             self.footers_read += 1
         return self._footers[s]
 
@@ -118,11 +115,8 @@ class ShardRows:
         starts = self.group_starts(s)
         self.groups_read += len(np.unique(np.searchsorted(starts, local_rows, side="right") - 1))
 
-        def read() -> pa.Table:
-            with self.store.fs.open(self.store.fs_path(self.paths[s]), "rb") as f:
-                return read_rows(pq.ParquetFile(f, metadata=md), local_rows, cols)
-
-        return with_retries(read, f"read rows of {self.paths[s]}")
+        with self.store.fs.open(self.store.fs_path(self.paths[s]), "rb") as f:
+            return read_rows(pq.ParquetFile(f, metadata=md), local_rows, cols)
 
     def read_column(self, s: int, column: str) -> pa.ChunkedArray | None:
         """One whole column of shard s (None when the shard lacks it)."""
@@ -131,11 +125,8 @@ class ShardRows:
             return None
         self.groups_read += md.num_row_groups
 
-        def read() -> pa.ChunkedArray:
-            with self.store.fs.open(self.store.fs_path(self.paths[s]), "rb") as f:
-                return pq.ParquetFile(f, metadata=md).read(columns=[column]).column(column)
-
-        return with_retries(read, f"read {column} of {self.paths[s]}")
+        with self.store.fs.open(self.store.fs_path(self.paths[s]), "rb") as f:
+            return pq.ParquetFile(f, metadata=md).read(columns=[column]).column(column)
 
     def gather(self, ordinals: np.ndarray, columns: Sequence[str],
                convert: Callable[[pa.Table], Sequence[Any]]) -> list[Any]:

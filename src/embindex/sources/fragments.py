@@ -23,7 +23,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ..storage import with_retries
 from .jsonl_ranges import RangeScan, byte_ranges, read_range_lines, scan_range
 from .normalize import RowRules, parse_image_file, parse_jsonl, parse_jsonl_lines, parse_text_file, to_table
 from .web import parse_html_file, parse_warc
@@ -230,7 +229,7 @@ def load_image_refs(rows: list[dict[str, Any]], fs: pafs.FileSystem, root: str, 
                     row = reject_row(row["id"], Reasons.IMAGE_TOO_LARGE, f"image {ref!r} has {info.size} bytes > "
                                      f"max_image_bytes {rules.max_image_bytes}", row["source"], row["line"])
                 else:
-                    row = set_image_bytes(row, with_retries(lambda: _read_bytes(fs, path), f"read {path}"), rules)
+                    row = set_image_bytes(row, _read_bytes(fs, path), rules)
             except (OSError, ValueError) as e:
                 row = reject_row(row["id"], Reasons.IMAGE_UNREADABLE, f"cannot read image {ref!r}: {e}",
                                  row["source"], row["line"])
@@ -244,19 +243,18 @@ def read_fragment(frag: Fragment, fs: pafs.FileSystem, rules: RowRules, root: st
     if frag.format == "parquet":
         if frag.row_groups:
             path = frag.paths[0]
-            table, first = with_retries(lambda: _read_row_groups(fs, path, list(frag.row_groups)), f"read {path}")
+            table, first = _read_row_groups(fs, path, list(frag.row_groups))
             rows = _parquet_rows(table, rules, path, first)
     elif frag.byte_range:
         path, (start, end) = frag.paths[0], frag.byte_range
-        lines = with_retries(lambda: read_range_lines(fs, path, start, end, frag.first_line),
-                             f"read {path} [{start}, {end})")
+        lines = read_range_lines(fs, path, start, end, frag.first_line)
         rows = list(parse_jsonl_lines(lines, path, rules))
     elif frag.format == "warc":
         path = frag.paths[0]
-        rows = with_retries(lambda: _read_warc(fs, path, rules), f"read {path}")
+        rows = _read_warc(fs, path, rules)
     else:
         for path in frag.paths:
-            data = with_retries(lambda: _read_bytes(fs, path), f"read {path}")
+            data = _read_bytes(fs, path)
             if frag.format == "jsonl":
                 rows.extend(parse_jsonl(data, path, rules))
                 continue
