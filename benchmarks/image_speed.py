@@ -560,7 +560,7 @@ def machine(device: torch.device) -> str:
     import PIL
     import transformers
 
-    from embindex.models.base import cpu_supports_bf16
+    from embindex.models.device import cpu_supports_bf16
 
     isa = "bf16 ISA (avx512_bf16/amx_bf16)" if cpu_supports_bf16() else "no bf16 ISA"
     cpu = f"{cpu_name()} ({os.cpu_count()} cores, {isa})"

@@ -278,7 +278,7 @@ def run_batch(embedder, device: torch.device, ids: list[np.ndarray], task: str,
 def machine(device: torch.device) -> str:
     import transformers
 
-    from embindex.models.base import cpu_supports_bf16
+    from embindex.models.device import cpu_supports_bf16
 
     if device.type == "cuda":
         dev = torch.cuda.get_device_name(device)

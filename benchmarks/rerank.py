@@ -137,7 +137,7 @@ def v2_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """Checkpoint key -> shape, from the family's native module (meta device)."""
     from transformers import XLMRobertaForSequenceClassification
 
-    from embindex.models.base import read_config
+    from embindex.models.checkpoint_files import read_config
     from embindex.models.jina_reranker_v2 import _fused_expected, checkpoint_name, xlmr_config
 
     with torch.device("meta"):
@@ -462,7 +462,7 @@ def checkpoint_dir(fam: str, size: str, root: Path, args: argparse.Namespace) ->
 def machine(device: torch.device, dtype: str) -> str:
     import transformers
 
-    from embindex.models.base import cpu_supports_bf16
+    from embindex.models.device import cpu_supports_bf16
 
     if device.type == "cuda":
         dev = torch.cuda.get_device_name(device)
@@ -557,7 +557,7 @@ def workload(size: str, args: argparse.Namespace, cuda: bool) -> Workload:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from embindex.models.base import cpu_supports_bf16
+    from embindex.models.device import cpu_supports_bf16
 
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

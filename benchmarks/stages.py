@@ -172,7 +172,7 @@ def vlm_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
 def header_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
-    from embindex.models.base import safetensors_files
+    from embindex.models.checkpoint_files import safetensors_files
 
     out = {}
     for file in safetensors_files(str(folder)):
@@ -617,7 +617,7 @@ def end_to_end(args: argparse.Namespace) -> dict[str, Any]:
 def machine(args: argparse.Namespace) -> str:
     import transformers
 
-    from embindex.models.base import cpu_supports_bf16
+    from embindex.models.device import cpu_supports_bf16
 
     isa = "bf16 ISA" if cpu_supports_bf16() else "no bf16 ISA"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -703,7 +703,7 @@ def print_report(res: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from embindex.models.base import cpu_supports_bf16
+    from embindex.models.device import cpu_supports_bf16
 
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--parts", nargs="+", default=["generators", "e2e"], choices=["generators", "e2e"])

@@ -54,7 +54,7 @@ def test_build_from_s3_into_s3_and_search_from_s3(ray_cluster, s3_bucket, minilm
     # the checkpoint was fetched once into the node cache and hashes like the local copy
     cached = [d for d in os.listdir(tmp_path / "cache") if not d.endswith(".lock")]
     assert len(cached) == 1
-    from embindex.models.base import checkpoint_hash
+    from embindex.models.checkpoint_files import checkpoint_hash
     assert result.manifest.model.checkpoint_hash == checkpoint_hash(minilm_path)
 
     # the version is in the bucket, _latest included
@@ -124,7 +124,7 @@ def test_checkpoint_files_and_hash_count_pickled_weights_only_where_they_are_loa
     """A sentence-transformers Dense head saved as pytorch_model.bin is fetched and fingerprinted; a .bin
     beside safetensors (a duplicate the loader never reads) is neither."""
     from embindex.checkpoints import checkpoint_files, default_cache_dir
-    from embindex.models.base import checkpoint_hash
+    from embindex.models.checkpoint_files import checkpoint_hash
 
     paths = ["m/config.json", "m/model.safetensors", "m/pytorch_model.bin", "m/2_Dense/config.json",
              "m/2_Dense/pytorch_model.bin", "m/notes.md"]

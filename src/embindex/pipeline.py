@@ -26,7 +26,7 @@ from .index.shards import count_documents, read_table
 from .index.multivector import build_token_index
 from .index.tier_builder import build_tiers
 from .models import load_family
-from .models.base import checkpoint_hash
+from .models.checkpoint_files import checkpoint_hash
 from .sources.census import take_census
 from .ray_runtime import classify_failure, quiet_ray_data, ray_session
 from .sources.readers import open_corpus

@@ -7,12 +7,10 @@ clear message when it does not support it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import numpy as np
 import torch
@@ -82,22 +80,6 @@ class TokenizedText:
     n_prefix_tokens: int
 
 
-def text_offsets(raw_offsets: Sequence[tuple[int, int]], special: Sequence[int], prefix_len: int) -> np.ndarray:
-    """Offsets in `prefix + text` -> offsets in `text`; special and prefix tokens become (-1, -1)."""
-    out = np.full((len(raw_offsets), 2), -1, dtype=np.int64)
-    for i, ((s, e), sp) in enumerate(zip(raw_offsets, special)):
-        if sp or e <= prefix_len:
-            continue
-        out[i] = (max(s, prefix_len) - prefix_len, e - prefix_len)
-    return out
-
-
-def leading_prefix_tokens(offsets: np.ndarray) -> int:
-    """Number of (-1, -1) tokens before the first token of the text itself."""
-    real = np.flatnonzero(offsets[:, 0] >= 0)
-    return int(real[0]) if real.size else len(offsets)
-
-
 class TextTokenizer(ABC):
     """Turns texts into token ids (prefixes, special tokens and truncation included)."""
 
@@ -117,41 +99,6 @@ class TextTokenizer(ABC):
     def has_offsets(self) -> bool:
         """Whether `encode_with_offsets` is implemented (late chunking and the "tokens" chunker need it)."""
         return type(self).encode_with_offsets is not TextTokenizer.encode_with_offsets
-
-
-def batch_ids(tok: Any, texts: Sequence[str], add_special_tokens: bool = True) -> list[np.ndarray]:
-    """Token ids of each text from a `tokenizers.Tokenizer`: `encode_batch_fast` (no character offsets
-    computed; the same ids as `encode_batch`, about 20% less CPU), int32 arrays."""
-    encs = tok.encode_batch_fast(list(texts), add_special_tokens=add_special_tokens)
-    return [np.asarray(e.ids, dtype=np.int32) for e in encs]
-
-
-class PrefixTokenizer(TextTokenizer):
-    """A `tokenizers.Tokenizer` (truncation on at `max_length`) behind a role/task-dependent text prefix:
-    subclasses set `tok`, `max_length`, `pad_token_id` and define `prefix`."""
-
-    tok: Any
-    max_length: int
-    add_special_tokens: bool = True
-
-    @abstractmethod
-    def prefix(self, role: Role, task: str | None = None) -> str: ...
-
-    def __call__(self, texts: Sequence[str], role: Role, task: str | None = None) -> list[np.ndarray]:
-        prefix = self.prefix(role, task)
-        return batch_ids(self.tok, [prefix + t for t in texts], self.add_special_tokens)
-
-    def encode_with_offsets(self, text: str, role: Role, task: str | None = None,
-                            truncate: bool = True) -> TokenizedText:
-        prefix = self.prefix(role, task)
-        if not truncate:
-            self.tok.no_truncation()
-        try:
-            enc = self.tok.encode(prefix + text, add_special_tokens=self.add_special_tokens)
-        finally:
-            self.tok.enable_truncation(self.max_length)
-        offsets = text_offsets(enc.offsets, enc.special_tokens_mask, len(prefix))
-        return TokenizedText(np.asarray(enc.ids, dtype=np.int32), offsets, leading_prefix_tokens(offsets))
 
 
 class ImageProcessor(ABC):
@@ -248,163 +195,3 @@ class ModelFamily(ABC):
                 f"model family {self.name!r} has no task {task!r}; "
                 + (f"choose one of {tasks}" if tasks else "it takes no task")
             )
-
-
-def read_json(path: str) -> dict[str, Any] | None:
-    """A checkpoint's JSON file, or None when it is absent."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def load_tokenizer_file(path: str, max_length: int) -> Any:
-    """`<path>/tokenizer.json` as a `tokenizers.Tokenizer`, no padding, truncation at `max_length`."""
-    from tokenizers import Tokenizer
-
-    tok_file = os.path.join(path, "tokenizer.json")
-    if not os.path.exists(tok_file):
-        raise ModelError(f"{path}: no tokenizer.json")
-    tok = Tokenizer.from_file(tok_file)
-    tok.no_padding()
-    tok.enable_truncation(max_length=max_length)
-    return tok
-
-
-def read_config(path: str) -> dict[str, Any]:
-    """`<path>/config.json`, or a ModelError saying the directory is not a checkpoint."""
-    cfg = read_json(os.path.join(path, "config.json"))
-    if cfg is None:
-        raise ModelError(f"{path}: no config.json; not a Hugging Face checkpoint directory")
-    return cfg
-
-
-def safetensors_files(path: str) -> list[str]:
-    """The checkpoint's weight files: the sharded index's, else `model.safetensors`, else every
-    .safetensors file. Pickled weights are refused, never loaded."""
-    index = read_json(os.path.join(path, "model.safetensors.index.json"))
-    if index is not None:
-        return [os.path.join(path, f) for f in sorted(set(index["weight_map"].values()))]
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        return [os.path.join(path, "model.safetensors")]  # other files there (e.g. test data) are not weights
-    found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if found:
-        return [os.path.join(path, f) for f in found]
-    pickles = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
-    hint = f" (found {pickles}; pickled weights are not loaded, convert them to safetensors)" if pickles else ""
-    raise ModelError(f"{path}: no .safetensors weights{hint}")
-
-
-def load_checked_state(path: str, expected: dict[str, torch.Tensor], rename: Callable[[str], str | None],
-                       dtype: torch.dtype | None, device: torch.device | None, layout: str) -> dict[str, torch.Tensor]:
-    """Read the checkpoint's safetensors into the model's key names and check them against `expected`:
-    `rename(key)` gives the model name (None: an ignored tensor); shapes (from the file headers) must
-    match; nothing may be missing or left over. Floating tensors are cast to `dtype`; with `dtype=None`
-    only the headers are read (validation at load time) and an empty dict is returned."""
-    from safetensors import safe_open
-
-    state: dict[str, torch.Tensor] = {}
-    seen: set[str] = set()
-    unexpected: list[str] = []
-    for file in safetensors_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                name = rename(key)
-                if name is None:
-                    continue
-                if name not in expected:
-                    unexpected.append(key)
-                    continue
-                shape = tuple(f.get_slice(key).get_shape())
-                if shape != tuple(expected[name].shape):
-                    raise ModelError(
-                        f"{path}: tensor {key} has shape {shape}, config.json implies {tuple(expected[name].shape)}"
-                    )
-                seen.add(name)
-                if dtype is not None:
-                    t = f.get_tensor(key)
-                    state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-    missing = sorted(set(expected) - seen)
-    if missing or unexpected:
-        raise ModelError(
-            f"{path}: not a {layout} checkpoint in the expected layout; "
-            f"missing {len(missing)} tensors {missing[:5]}, unexpected {len(unexpected)} {unexpected[:5]}"
-        )
-    return state
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto': bf16 on CUDA (fp16 where bf16 is missing), fp32 on CPU (the embed actor may then switch to
-    bf16 after a fidelity probe, dtype_probe.py)."""
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def loaded_files(paths: Sequence[str], patterns: Sequence[str]) -> list[str]:
-    """The checkpoint files a family loads, in the given order: names ending in one of `patterns`, and a
-    `pytorch_model.bin` only in a folder without safetensors (then it is what gets loaded, read with
-    `torch.load(weights_only=True)`; beside safetensors it is a duplicate never read)."""
-    has_safetensors = {os.path.dirname(p) for p in paths if p.endswith(".safetensors")}
-    return [p for p in paths if p.endswith(tuple(patterns))
-            or (os.path.basename(p) == "pytorch_model.bin" and os.path.dirname(p) not in has_safetensors)]
-
-
-def checkpoint_hash(path: str, patterns: Sequence[str] = (".json", ".safetensors", ".txt", ".model")) -> str:
-    """sha256 over the checkpoint's config, tokenizer and weight files (names and contents; `loaded_files`)."""
-    h = hashlib.sha256()
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for full in loaded_files([os.path.join(root, name) for name in sorted(files)], patterns):
-            h.update(os.path.relpath(full, path).encode())
-            with open(full, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean over the sequence, in fp32."""
-    h = hidden.float()
-    m = mask.to(h.dtype).unsqueeze(-1)
-    return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-
-def cls_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return hidden[:, 0].float()
-
-
-def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The last attended token of each row, correct for left or right padding."""
-    if bool(mask[:, -1].all()):
-        return hidden[:, -1].float()
-    last = mask.long().cumsum(1).argmax(1)  # index of the last 1 in each row
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
-
-
-POOLERS = {"mean": mean_pool, "cls": cls_pool, "last": last_token_pool}
-
-
-def check_no_meta_tensors(module: torch.nn.Module, path: str) -> None:
-    """After loading with `assign=True` into a meta-device module: every parameter and buffer is real."""
-    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
-    if left:
-        raise ModelError(f"{path}: tensors left uninitialised after loading: {left[:5]}")

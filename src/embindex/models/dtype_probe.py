@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .base import cpu_supports_bf16
+from .device import cpu_supports_bf16
 from .embedder import Embedder
 from .registry import load_family
 

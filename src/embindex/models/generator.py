@@ -16,7 +16,9 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from .base import ModelError, checkpoint_hash, pick_device, resolve_dtype
+from .base import ModelError
+from .checkpoint_files import checkpoint_hash
+from .device import pick_device, resolve_dtype
 
 
 @dataclass(frozen=True)

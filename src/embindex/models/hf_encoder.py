@@ -19,22 +19,11 @@ import numpy as np
 import torch
 
 from . import st_modules
-from .base import (
-    read_config,
-    read_json,
-    POOLERS,
-    ModelError,
-    ModelFamily,
-    ModelInfo,
-    Role,
-    TextEncoder,
-    TextTokenizer,
-    TokenizedText,
-    leading_prefix_tokens,
-    pick_device,
-    resolve_dtype,
-    text_offsets,
-)
+from .base import ModelError, ModelFamily, ModelInfo, Role, TextEncoder, TextTokenizer, TokenizedText
+from .checkpoint_files import read_config, read_json
+from .device import pick_device, resolve_dtype
+from .pooling import POOLERS
+from .tokenization import leading_prefix_tokens, text_offsets
 
 
 def _st_pooling(path: str) -> str | None:

@@ -38,21 +38,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import (
-    ImageProcessor,
-    ModelError,
-    ModelFamily,
-    ModelInfo,
-    PrefixTokenizer,
-    Role,
-    TextEncoder,
-    check_image_size,
-    mean_pool,
-    pick_device,
-    read_config,
-    read_json,
-    resolve_dtype,
-)
+from .base import ImageProcessor, ModelError, ModelFamily, ModelInfo, Role, TextEncoder, check_image_size
+from .checkpoint_files import read_config, read_json
+from .device import pick_device, resolve_dtype
+from .pooling import mean_pool
+from .tokenization import PrefixTokenizer
 from .eva02 import EVA02Config, EVA02VisionTransformer, build_eva02
 from .jina_xlmr import (
     JinaXLMRBackbone,

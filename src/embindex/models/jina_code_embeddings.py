@@ -27,24 +27,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .base import (
-    ModelError,
-    ModelFamily,
-    ModelInfo,
-    ModelSpec,
-    Role,
-    TextEncoder,
-    TextTokenizer,
-    batch_ids,
-    last_token_pool,
-    load_checked_state,
-    load_tokenizer_file,
-    pick_device,
-    read_config,
-    read_json,
-    resolve_dtype,
-    safetensors_files,
-)
+from .base import ModelError, ModelFamily, ModelInfo, ModelSpec, Role, TextEncoder, TextTokenizer
+from .checkpoint_files import load_checked_state, load_tokenizer_file, read_config, read_json, safetensors_files
+from .device import pick_device, resolve_dtype
+from .pooling import last_token_pool
+from .tokenization import batch_ids
 
 QUERY_PREFIXES: dict[str, str] = {
     "nl2code": "Find the most relevant code snippet given the following query:\n",

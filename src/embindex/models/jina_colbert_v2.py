@@ -30,16 +30,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .base import (
-    ModelError,
-    ModelFamily,
-    ModelInfo,
-    Role,
-    TextEncoder,
-    TextTokenizer,
-    pick_device,
-    resolve_dtype,
-)
+from .base import ModelError, ModelFamily, ModelInfo, Role, TextEncoder, TextTokenizer
+from .device import pick_device, resolve_dtype
 from .jina_xlmr import (
     JinaXLMRBackbone,
     XLMRConfig,

@@ -31,27 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (
-    POOLERS,
-    ModelError,
-    ModelFamily,
-    ModelInfo,
-    ModelSpec,
-    Role,
-    TextEncoder,
-    TextTokenizer,
-    TokenizedText,
-    batch_ids,
-    leading_prefix_tokens,
-    load_checked_state,
-    load_tokenizer_file,
-    pick_device,
-    read_config,
-    read_json,
-    resolve_dtype,
-    safetensors_files,
-    text_offsets,
-)
+from .base import ModelError, ModelFamily, ModelInfo, ModelSpec, Role, TextEncoder, TextTokenizer, TokenizedText
+from .checkpoint_files import load_checked_state, load_tokenizer_file, read_config, read_json, safetensors_files
+from .device import pick_device, resolve_dtype
+from .pooling import POOLERS
+from .tokenization import batch_ids, leading_prefix_tokens, text_offsets
 
 # --------------------------------------------------------------------------------------------------------
 # Configuration

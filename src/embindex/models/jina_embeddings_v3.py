@@ -33,17 +33,10 @@ from typing import Sequence
 
 import torch
 
-from .base import (
-    ModelError,
-    ModelFamily,
-    ModelInfo,
-    PrefixTokenizer,
-    Role,
-    TextEncoder,
-    mean_pool,
-    pick_device,
-    resolve_dtype,
-)
+from .base import ModelError, ModelFamily, ModelInfo, Role, TextEncoder
+from .device import pick_device, resolve_dtype
+from .pooling import mean_pool
+from .tokenization import PrefixTokenizer
 from .jina_xlmr import (
     JinaXLMRBackbone,
     XLMRConfig,

@@ -36,23 +36,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import (
-    ModelError,
-    ModelFamily,
-    ModelInfo,
-    ModelSpec,
-    PrefixTokenizer,
-    Role,
-    TextEncoder,
-    check_no_meta_tensors,
-    load_checked_state,
-    load_tokenizer_file,
-    mean_pool,
-    pick_device,
-    read_config,
-    read_json,
-    resolve_dtype,
-)
+from .base import ModelError, ModelFamily, ModelInfo, ModelSpec, Role, TextEncoder
+from .checkpoint_files import check_no_meta_tensors, load_checked_state, load_tokenizer_file, read_config, read_json
+from .device import pick_device, resolve_dtype
+from .pooling import mean_pool
+from .tokenization import PrefixTokenizer
 from .lora import attach_task_adapters
 from .qwen2_vl_images import QwenVLImageConfig, QwenVLImageProcessor, flatten_patches, load_vl_config
 

@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from ..text.batching import pad_batch, token_budget_batches
-from .base import (ModelError, check_no_meta_tensors, load_checked_state, load_tokenizer_file, read_config,
-                   read_json)
+from .base import ModelError
+from .checkpoint_files import check_no_meta_tensors, load_checked_state, load_tokenizer_file, read_config, read_json
 from .jina_embeddings_v4 import base_key  # Qwen-VL key layouts (legacy / transformers >= 4.52) -> 5.x names
 from .qwen2_vl_images import QwenVLImageConfig, QwenVLImageProcessor, flatten_patches, load_vl_config
 from .images import load_upright_rgb

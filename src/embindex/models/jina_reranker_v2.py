@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from ..text.batching import pad_batch, token_budget_batches
-from .base import ModelError, load_checked_state, load_tokenizer_file, read_config, read_json
+from .base import ModelError
+from .checkpoint_files import load_checked_state, load_tokenizer_file, read_config, read_json
 from .reranker import Reranker, RerankerInfo, RerankDoc, RerankInputError, RerankScores, as_doc
 
 DEFAULT_OPTIONS: dict[str, int] = {

@@ -39,7 +39,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .base import ModelError, load_checked_state, load_tokenizer_file, read_config, read_json
+from .base import ModelError
+from .checkpoint_files import load_checked_state, load_tokenizer_file, read_config, read_json
 from .reranker import RerankDoc, Reranker, RerankerInfo
 
 DOC_MARKER = "<|embed_token|>"

@@ -50,7 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ModelError, check_no_meta_tensors, load_checked_state, load_tokenizer_file, read_config, read_json
+from .base import ModelError
+from .checkpoint_files import check_no_meta_tensors, load_checked_state, load_tokenizer_file, read_config, read_json
 from .generator import Generation, GenerationInput, Generator, GeneratorInfo, greedy_decode, length_batches
 from .jina_vlm_processor import (IMAGE_PROMPT, IMAGE_TOKENS, ImageLayout, JinaVLMImageConfig, JinaVLMImageProcessor,
                                  PromptBatch, PromptInput, build_prompt, chat_prompt, collate,

@@ -48,7 +48,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import ModelError, read_json
+from .base import ModelError
+from .checkpoint_files import read_json
 from .qwen2_vl_images import smart_resize
 
 IMAGE_PROMPT = "<|image|>"

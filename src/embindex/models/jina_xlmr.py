@@ -32,7 +32,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from .base import ModelError, read_json
+from .base import ModelError
+from .checkpoint_files import read_json
 from .lora import LoRAWeights, TaskAdapters, attach_task_adapters
 
 WEIGHTS_FILE = "model.safetensors"

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import ImageProcessor, ModelError, check_image_size, read_json
+from .base import ImageProcessor, ModelError, check_image_size
+from .checkpoint_files import read_json
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

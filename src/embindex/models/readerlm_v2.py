@@ -44,8 +44,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .base import (ModelError, check_no_meta_tensors, load_checked_state, load_tokenizer_file, read_config,
-                   read_json)
+from .base import ModelError
+from .checkpoint_files import check_no_meta_tensors, load_checked_state, load_tokenizer_file, read_config, read_json
 from .generator import Generation, GenerationInput, Generator, GeneratorInfo, greedy_decode, length_batches
 
 DEFAULT_INSTRUCTION = "Extract the main content from the given HTML and convert it to Markdown format."

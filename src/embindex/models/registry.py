@@ -51,7 +51,7 @@ RERANKER_ARCHITECTURES: dict[str, str] = {
 
 def infer_reranker(path: str) -> str:
     """The reranker family of the checkpoint at `path`, from its config.json `architectures`."""
-    from .base import read_config
+    from .checkpoint_files import read_config
 
     archs = read_config(path).get("architectures") or []
     for arch in archs:

@@ -17,7 +17,9 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from .base import ModelError, checkpoint_hash, pick_device, resolve_dtype
+from .base import ModelError
+from .checkpoint_files import checkpoint_hash
+from .device import pick_device, resolve_dtype
 from .images import load_upright_rgb
 
 

@@ -17,7 +17,8 @@ from typing import Any, Sequence, Union
 import torch
 from torch import nn
 
-from .base import ModelError, Role, read_json
+from .base import ModelError, Role
+from .checkpoint_files import read_json
 
 SUPPORTED = ("Transformer", "Pooling", "Dense", "Normalize")
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from ..checkpoints import resolve_model_path
 from ..config import GenerateStageConfig
 from ..index.shards import STATUS_OK, generated_columns
-from ..models.base import checkpoint_hash
+from ..models.checkpoint_files import checkpoint_hash
 from ..models.generator import Generation, GenerationInput
 from ..ray_runtime import ComputeThread
 from ..sources.normalize import with_rejects
