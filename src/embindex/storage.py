@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import fsspec
+import fsspec.asyn
 import pyarrow.fs as pafs
 
 log = logging.getLogger("embindex.storage")
@@ -246,10 +247,15 @@ class Storage:
             except FileNotFoundError:
                 return None, None
             return data, hashlib.sha256(data).hexdigest()
-        self._s3_key(rel)
-        try:  # the ETag first: if the object changes before the read, the swap fails on the old tag
-            etag = self.fs.info(path)["ETag"]
-            return self.read_bytes(rel), etag
+        bucket, key = self._s3_key(rel)
+
+        async def get() -> tuple[bytes, str]:  # one GET: the content and the ETag of the same object
+            response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            async with response["Body"] as body:
+                return await body.read(), response["ETag"]
+
+        try:
+            return fsspec.asyn.sync(self.fs.loop, get)
         except FileNotFoundError:
             return None, None
 
