@@ -38,7 +38,7 @@ def _manifest(run_id: str = "r", files: tuple[str, ...] = ()) -> Manifest:
                          dtype="float32"),
         outputs={"single": True}, dim=8,
         tiers=[TierEntry(dim=8, factory="Flat", files=[f"shards/{run_id}/t.faiss"])],
-        shards=[ShardEntry(path=f, rows=1, bytes=1, sha256="0") for f in files],
+        shards=[ShardEntry(path=f, rows=1, bytes=1, sha256="0", vectors=layout.vectors_beside(f)) for f in files],
         counts=Counts(rows_in=0, documents=0, chunks=0, vectors=0, rejected=0),
     )
 
@@ -190,7 +190,7 @@ def _write(store: Storage, rel: str) -> None:
 
 
 def _published_at(store: Storage, run: str, base: str | None, files: tuple[str, ...], at: float) -> Manifest:
-    for f in files + (f"shards/{run}/t.faiss",):
+    for f in files + tuple(layout.vectors_beside(f) for f in files) + (f"shards/{run}/t.faiss",):
         _write(store, f)
     m = publish(store, _manifest(run, files), base)
     stamped = m.model_copy(update={"created_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(at))})
@@ -209,6 +209,7 @@ def test_gc_waits_for_the_grace_period_and_in_flight_bases(tmp_path):
     # 300 s of grace: v1 goes; shards/a/p.parquet is still used by v2 (within its grace) and stays
     assert collect_garbage(store, keep=1, grace_seconds=300, now=now) == ["v000001"]
     assert store.exists("shards/a/p.parquet") and not store.exists("shards/a/t.faiss")
+    assert store.exists("shards/a/p.vectors.npy")  # a part's row matrix lives and goes with the part
     # an in-flight reindex started from v2: v2 stays whatever the grace
     commits.write_run_record(store, "d", "fp", kind="reindex", base=v2.version)
     assert collect_garbage(store, keep=1, grace_seconds=0, now=now) == []
@@ -217,6 +218,7 @@ def test_gc_waits_for_the_grace_period_and_in_flight_bases(tmp_path):
     store.write_text("shards/d/_run.json", json.dumps(dict(record, started_at=now - 30 * 86400)))
     assert collect_garbage(store, keep=1, grace_seconds=0, now=now) == ["v000002"]
     assert not store.exists("shards/a/p.parquet") and not store.exists("shards/b")
+    assert not store.exists("shards/a/p.vectors.npy")
     assert store.exists("shards/c/p.parquet") and latest_version(store) == v3.version
     assert store.exists("shards/d/_run.json")  # unpublished runs are never touched
 

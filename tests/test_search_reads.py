@@ -24,7 +24,7 @@ from embindex.cli import app
 from embindex.config import IndexConfig
 from embindex.index import tiers
 from embindex.index.manifest import Counts, Manifest, ModelEntry, ShardEntry, TierEntry
-from embindex.index.shards import put_table
+from embindex.index.shards import put_part, put_table
 from embindex.index.tier_builder import build_tiers
 from embindex.index.tier_io import TierCache
 from embindex.search.reader import default_tier, recall_target_of
@@ -66,8 +66,9 @@ def _shard_table(x: np.ndarray, start: int, images: np.ndarray) -> pa.Table:
 
 def synthetic_index(root, factories: dict[int, str] | None = None, hidden: np.ndarray | None = None,
                     images_every: int = 0, rows=SHARD_ROWS, modalities=("text",),
-                    single_file_max_rows: int = 200_000) -> tuple[str, np.ndarray]:
-    """Write shards + tiers + a published manifest under `root`; returns (uri, stored unit vectors)."""
+                    single_file_max_rows: int = 200_000, row_matrices: bool = True) -> tuple[str, np.ndarray]:
+    """Write shards (as the pipeline does: parts + row matrices; `row_matrices=False`: parts only, as
+    older versions wrote them) + tiers + a published manifest under `root`; returns (uri, stored unit vectors)."""
     store = Storage(str(root))
     total = sum(rows)
     x = clustered(total)
@@ -75,8 +76,12 @@ def synthetic_index(root, factories: dict[int, str] | None = None, hidden: np.nd
     shards, start = [], 0
     for i, n in enumerate(rows):
         rel = f"shards/syn/part-{i:05d}.parquet"
-        size, sha = put_table(store, rel, _shard_table(x[start:start + n], start, image[start:start + n]))
-        shards.append(ShardEntry(path=rel, rows=n, bytes=size, sha256=sha))
+        table = _shard_table(x[start:start + n], start, image[start:start + n])
+        if row_matrices:
+            shards.append(ShardEntry(**put_part(store, rel, table)))
+        else:
+            size, sha = put_table(store, rel, table)
+            shards.append(ShardEntry(path=rel, rows=n, bytes=size, sha256=sha))
         start += n
     dims = sorted(factories or {16: "Flat", 32: "Flat", DIM: "Flat"})
     cfg = IndexConfig(uri=str(root), tiers=dims, factory={str(d): f for d, f in (factories or {}).items()} or "Flat",
@@ -215,9 +220,58 @@ def test_a_query_reads_only_the_row_groups_of_its_hits(flat_index, monkeypatch):
     assert reader.rows.footers_read == footers <= len(SHARD_ROWS)
 
 
-def test_rescoring_reads_only_shortlisted_row_groups_and_equals_the_old_in_memory_funnel(flat_index):
+@pytest.fixture(scope="module")
+def flat_index_without_row_matrices(tmp_path_factory):
+    return synthetic_index(tmp_path_factory.mktemp("flat-parquet-only"), row_matrices=False)
+
+
+def test_rescoring_reads_rows_of_the_row_matrices_and_no_vector_column(flat_index, monkeypatch):
+    """Shortlisted rows are read from each part's row matrix by offset: no Parquet vector chunk is
+    decoded, and the hits equal the funnel over vectors in memory."""
     uri, stored = flat_index
     reader = embindex.open_index(uri)
+    assert all(s.vectors and reader.storage.exists(s.vectors) for s in reader.manifest.shards)
+    log = ReadLog(reader.storage.fs, monkeypatch)
+    q = clustered(4, seed=12)
+    got = reader.search_vectors(q, k=5, tier=16, rescore=4)
+    assert not any(c == "vector" for p in _shard_paths(reader) for _, c in log.chunks(p))
+    assert reader.full_width.rows_read == 4 * 5 * 4
+    mem = embindex.open_index(uri)
+    mem.vectors  # noqa: B018 - load every vector: rescoring from memory
+    ref = mem.search_vectors(q, k=5, tier=16, rescore=4)
+    assert [[h.id for h in r] for r in got] == [[h.id for h in r] for r in ref]
+    # scored against the renormalized stored rows (the full-width tier's definition), as the Parquet path
+    want = [[float(q[i] @ stored[int(h.id[1:])]) for h in r] for i, r in enumerate(got)]
+    np.testing.assert_allclose([[h.score for h in r] for r in got], want, atol=1e-5)
+
+
+def test_row_matrix_reads_rows_by_offset_locally_and_from_s3(tmp_path, s3_bucket):
+    from embindex.index.vector_io import RowMatrix
+
+    bucket, opts, client = s3_bucket
+    x = clustered(300).astype(np.float16)
+    table = pa.table({"vector": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), DIM)})
+    local = Storage(str(tmp_path / "l"))
+    part = put_part(local, "p/part-0.parquet", table)
+    assert part["vectors"] == "p/part-0.vectors.npy" and part["rows"] == 300
+    np.testing.assert_array_equal(np.load(local.fs_path(part["vectors"])), x)
+    remote = Storage(f"s3://{bucket}/idx", embindex.storage.StorageOptions.from_dict(opts))
+    put_part(remote, "p/part-0.parquet", table)
+    rows = np.array([7, 8, 9, 299, 0, 8, 150, 151, 3])  # unsorted, repeated, runs of consecutive rows
+    for store in (local, remote):
+        np.testing.assert_array_equal(RowMatrix(store, part["vectors"]).take(rows), x[rows])
+    with pytest.raises(IndexError):
+        RowMatrix(remote, part["vectors"]).take(np.array([300]))
+    # no vector column (or a null vector): no row matrix
+    assert put_part(local, "p/part-1.parquet", table.rename_columns(["other"]))["vectors"] is None
+
+
+def test_rescoring_reads_only_shortlisted_row_groups_and_equals_the_old_in_memory_funnel(
+        flat_index_without_row_matrices):
+    """Parts written without a row matrix (older versions) are rescored from their Parquet row groups."""
+    uri, stored = flat_index_without_row_matrices
+    reader = embindex.open_index(uri)
+    assert not any(s.vectors for s in reader.manifest.shards)
     q = clustered(4, seed=11)
     got = reader.search_vectors(q, k=5, tier=16, rescore=4)
     groups = reader.rows.groups_read
@@ -396,6 +450,11 @@ def test_text_search_on_a_built_index_reads_only_hit_shards(ray_cluster, tmp_pat
     result = embindex.build(cfg, log=None)
     assert len(result.manifest.shards) == 4
     assert all(set(t.sha256) == set(t.files) for t in result.manifest.tiers)
+    store = Storage(str(tmp_path / "idx"))
+    for s in result.manifest.shards:  # each part has its row matrix: the vector column, row for row
+        stored = pq.read_table(store.fs_path(s.path), columns=["vector"]).column("vector").combine_chunks()
+        np.testing.assert_array_equal(np.load(store.fs_path(s.vectors)),
+                                      stored.flatten().to_numpy().reshape(s.rows, -1))
 
     reader = embindex.open_index(str(tmp_path / "idx"))
     log = ReadLog(reader.storage.fs, monkeypatch)

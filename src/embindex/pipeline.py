@@ -245,7 +245,8 @@ def token_count(parts: list[dict]) -> int:
 
 
 def shard_entries(parts: list[dict]) -> list[ShardEntry]:
-    return [ShardEntry(path=p["path"], rows=p["rows"], bytes=p["bytes"], sha256=p["sha256"]) for p in parts]
+    return [ShardEntry(path=p["path"], rows=p["rows"], bytes=p["bytes"], sha256=p["sha256"], vectors=p.get("vectors"))
+            for p in parts]
 
 
 def build(

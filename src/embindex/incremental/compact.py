@@ -23,7 +23,7 @@ from ..index.manifest import Manifest, ShardEntry
 from ..index.multivector import build_token_index
 from ..index.commits import write_run_record
 from ..index.publish import latest_version, publish, read_manifest
-from ..index.shards import put_table, read_table
+from ..index.shards import put_part, read_table
 from ..index.tier_builder import build_tiers
 from ..index.tombstones import read_tombstones, tombstone_mask
 from ..logs import Log
@@ -47,8 +47,7 @@ def _compact_shard(root: str, options: StorageOptions, rel: str, offset: int, ou
     live = table.filter(pa.array(~tombstone_mask(ordinals, dead[lo:hi])))
     if live.num_rows == 0:
         return None
-    size, sha = put_table(store, out_rel, live)
-    return ShardEntry(path=out_rel, rows=live.num_rows, bytes=size, sha256=sha)
+    return ShardEntry(**put_part(store, out_rel, live))
 
 
 def compact(uri: str, storage: dict[str, Any] | None = None, threshold: float = 0.2, force: bool = False,

@@ -25,7 +25,7 @@ import numpy as np
 from . import tiers
 from .factories import apply_search_params
 from .tier_io import ONDISK, SHARDS, SINGLE, TierCache, read_ondisk, tier_local_paths
-from .vector_io import ShardRows, as_matrix, read_vectors
+from .vector_io import RowMatrix, ShardRows, as_matrix, read_vectors
 from ..storage import Storage
 from .selectors import RowFilter, search_parameters, sub_indexes, supports_filter
 
@@ -173,12 +173,14 @@ class ParquetVectors:
     Rows are L2-renormalized after the float16 round trip (the full-width tier's definition), so scores
     are cosines and agree with a full-width Flat tier. `score` reads only the shards and row groups that
     hold candidates (through `ShardRows`, shared with the reader's id/metadata fetches), one shard at a
-    time. Caches (float16, LRU, off by default): `cache_bytes` keeps whole shards (build-time streaming),
-    `group_cache_bytes` keeps the row groups candidates were read from (a reader's warm queries)."""
+    time. Where a shard has a row matrix (`vector_files`, the manifest's `vectors`), candidates are read
+    from it by row offset instead (`RowMatrix`: no row group decoded). Caches (float16, LRU, off by
+    default): `cache_bytes` keeps whole shards (build-time streaming), `group_cache_bytes` keeps the row
+    groups candidates were read from (a reader's warm queries, shards without a row matrix)."""
 
     def __init__(self, store: Storage, shard_paths: Sequence[str], shard_rows: Sequence[int], dim: int,
                  column: str = "vector", cache_bytes: int = 0, group_cache_bytes: int = 0,
-                 rows: ShardRows | None = None):
+                 rows: ShardRows | None = None, vector_files: Sequence[str | None] | None = None):
         self.store = store
         self.paths = list(shard_paths)
         self.rows = np.asarray(shard_rows, dtype=np.int64)
@@ -192,6 +194,8 @@ class ParquetVectors:
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._groups: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._group_bytes = 0
+        self.vector_files = list(vector_files or [None] * len(self.paths))
+        self._matrices: dict[int, RowMatrix] = {}
         self.rows_read = 0  # counters: what the funnel actually touched
         self.shards_read = 0
 
@@ -214,6 +218,10 @@ class ParquetVectors:
             return self._shard(s)[local_rows]
         self.shards_read += 1
         self.rows_read += len(local_rows)
+        if self.vector_files[s]:
+            if s not in self._matrices:
+                self._matrices[s] = RowMatrix(self.store, self.vector_files[s])
+            return self._matrices[s].take(local_rows).astype(np.float16, copy=False)
         if self.group_cache_bytes > 0:
             return self._take_cached(s, np.asarray(local_rows, dtype=np.int64))
         return as_matrix(self.reader.read(s, local_rows, [self.column]).column(self.column), np.float16)
@@ -368,14 +376,15 @@ def tier_funnel(index: Any, entry: Any, full_dim: int, rescore: int, vectors: Ve
 
 def full_width_source(store: Storage, shard_paths: Sequence[str], shard_rows: Sequence[int], dim: int,
                       load: Any = None, cache_bytes: int = 0, group_cache_bytes: int = 0,
-                      rows: ShardRows | None = None) -> VectorSource:
+                      rows: ShardRows | None = None, vector_files: Sequence[str | None] | None = None,
+                      ) -> VectorSource:
     """In-memory vectors for small corpora when `load()` gives them (the build's sample), else Parquet
     row reads of only the candidates (a reader: `rows` shares its footers, `group_cache_bytes` keeps
     what warm queries reread)."""
     if load is not None and int(sum(shard_rows)) * dim * 4 <= IN_MEMORY_RESCORE_MAX_BYTES:
         return ArrayVectors(load())
     return ParquetVectors(store, shard_paths, shard_rows, dim, cache_bytes=cache_bytes,
-                          group_cache_bytes=group_cache_bytes, rows=rows)
+                          group_cache_bytes=group_cache_bytes, rows=rows, vector_files=vector_files)
 
 
 # -- exact search -----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ INFLIGHT_SECONDS = 7 * 86400.0
 
 def files_of(m: Manifest) -> set[str]:
     """Every file a version references."""
-    files = {s.path for s in m.shards} | {r.path for r in m.rejects}
+    files = {s.path for s in m.shards} | {s.vectors for s in m.shards if s.vectors} | {r.path for r in m.rejects}
     for t in m.tiers:
         files.update(t.files)
         files.update(t.deltas)

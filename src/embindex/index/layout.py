@@ -46,6 +46,11 @@ def part_path(run_id: str, digest: str) -> str:
     return f"{run_dir(run_id)}/part-{digest}.parquet"
 
 
+def vectors_beside(part_rel: str) -> str:
+    """The float16 row matrix (.npy) written next to a part: row-level random access to its vectors."""
+    return part_rel[: -len(".parquet")] + ".vectors.npy" if part_rel.endswith(".parquet") else part_rel + ".vectors.npy"
+
+
 def rejects_path(run_id: str, digest: str) -> str:
     return f"{run_dir(run_id)}/rejects-{digest}.parquet"
 

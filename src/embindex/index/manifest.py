@@ -19,6 +19,9 @@ class ShardEntry(_M):
     rows: int
     bytes: int
     sha256: str
+    # the part's `vector` column again as a float16 [rows, dim] .npy file: what search reads to rescore a
+    # few rows (a Parquet read decodes a whole row group per row); None for parts written without one
+    vectors: str | None = None
 
 
 class RejectsEntry(ShardEntry):

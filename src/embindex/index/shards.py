@@ -3,9 +3,10 @@
 A shard holds documents or chunks (id, chunk, start, end, content_hash, meta, source, modality (text |
 image), vector as fixed_size_list<float16>[dim], token_vectors as list<fixed_size_list<float16>[d]> for
 multi-vector, and with `index.store_content` the content: text and encoded image); a rejects file holds
-rows that were not indexed, with their reason. Each write is one whole-object PUT (or temp file + rename),
-named by the fragment's id (so a retried fragment overwrites its own files), and returns a record for the
-manifest.
+rows that were not indexed, with their reason. Next to each part, its vectors as a float16 [rows, dim]
+.npy file (`put_part`): the search reader rescores candidates from it by row offset. Each write is one
+whole-object PUT (or temp file + rename), named by the fragment's id (so a retried fragment overwrites
+its own files), and returns a record for the manifest.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ SHARD_RECORD_SCHEMA = pa.schema(
         pa.field("documents", pa.int64()),  # distinct document ids in a part (rows may be chunks)
         pa.field("dtype", pa.string()),  # the embed actor's dtype and device, e.g. "bfloat16 (cuda)"
         pa.field("stages", pa.string()),  # JSON {output column: counts} of the generative stages (parts)
+        pa.field("vectors", pa.string()),  # the part's float16 row matrix (.npy), see put_part
         pa.field("embed_s", pa.float64()),  # the embed actor's busy seconds on the fragment (its first record)
     ]
 )
@@ -108,6 +110,29 @@ def put_table(storage: Storage, rel: str, table: pa.Table) -> tuple[int, str]:
     return len(data), hashlib.sha256(data).hexdigest()
 
 
+def vector_matrix_bytes(docs: pa.Table, column: str = "vector") -> bytes | None:
+    """The `column` of a part as a float16 [rows, dim] .npy file; None without a complete vector column."""
+    if column not in docs.column_names or docs.column(column).null_count or not docs.num_rows:
+        return None
+    col = docs.column(column).combine_chunks()
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float16, copy=False)
+    buf = io.BytesIO()
+    np.save(buf, flat.reshape(len(col), col.type.list_size), allow_pickle=False)
+    return buf.getvalue()
+
+
+def put_part(storage: Storage, rel: str, docs: pa.Table) -> dict[str, Any]:
+    """Write a part and its row matrix; return its manifest fields (path, rows, bytes, sha256, vectors).
+    The matrix goes first: a part whose record names it always has it."""
+    matrix = vector_matrix_bytes(docs)
+    vectors = None
+    if matrix is not None:
+        vectors = layout.vectors_beside(rel)
+        storage.write_bytes(vectors, matrix)
+    size, sha = put_table(storage, rel, docs)
+    return {"path": rel, "rows": docs.num_rows, "bytes": size, "sha256": sha, "vectors": vectors}
+
+
 def _token_count(docs: pa.Table) -> int:
     if "token_vectors" not in docs.column_names:
         return 0
@@ -141,10 +166,9 @@ def write_fragment(batch: pa.Table, root: str, storage: dict[str, Any], run_id: 
     if docs.num_rows:
         rel = layout.part_path(run_id, fragment)
         n_docs = count_documents(docs)
-        size, sha = put_table(store, rel, docs)
+        part = put_part(store, rel, docs)
         dtypes = pc.unique(batch.column(DTYPE_COLUMN)).to_pylist() if DTYPE_COLUMN in batch.column_names else []
-        records.append({"kind": "part", "path": rel, "rows": docs.num_rows, "bytes": size, "sha256": sha,
-                        "reasons": None, "tokens": _token_count(docs), "fragment": fragment, "documents": n_docs,
+        records.append({"kind": "part", **part, "reasons": None, "tokens": _token_count(docs), "fragment": fragment, "documents": n_docs,
                         "dtype": ", ".join(sorted(d for d in dtypes if d)) or None,
                         "stages": json.dumps(_generated_counts(docs, outputs)) if outputs else None,
                         "embed_s": None})
@@ -156,7 +180,7 @@ def write_fragment(batch: pa.Table, root: str, storage: dict[str, Any], run_id: 
             counts[r] = counts.get(r, 0) + 1
         records.append({"kind": "rejects", "path": rel, "rows": rejects.num_rows, "bytes": size, "sha256": sha,
                         "reasons": json.dumps(counts), "tokens": 0, "fragment": fragment, "documents": 0,
-                        "dtype": None, "stages": None, "embed_s": None})
+                        "dtype": None, "stages": None, "embed_s": None, "vectors": None})
     if records and EMBED_SECONDS_COLUMN in batch.column_names:
         records[0]["embed_s"] = pc.max(batch.column(EMBED_SECONDS_COLUMN)).as_py()
     write_commit(store, run_id, fragment, records)

@@ -3,18 +3,20 @@
 Shards hold `vector` as fixed_size_list<float16>[dim]. Readers here touch one shard at a time, so
 memory is bounded by the largest shard (or, for row takes, by the row groups holding the rows).
 `ShardRows` maps row ordinals over all shards to (shard, row) and reads only the row groups that hold
-the rows asked for: the full-width rescoring, the hits' ids and metadata and MaxSim's token vectors.
+the rows asked for: the hits' ids and metadata and MaxSim's token vectors. `RowMatrix` reads single
+rows of a part's float16 row matrix: the full-width rescoring.
 """
 
 from __future__ import annotations
 
+import io
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..storage import Storage
+from ..storage import Storage, is_remote
 
 
 def as_matrix(col: pa.ChunkedArray | pa.Array, dtype: np.dtype | type) -> np.ndarray:
@@ -64,6 +66,49 @@ def take_vectors(store: Storage, rel: str, rows: Sequence[int] | np.ndarray, col
     with store.fs.open(store.fs_path(rel), "rb") as f:
         table = read_rows(pq.ParquetFile(f), np.asarray(rows, dtype=np.int64), [column])
     return as_matrix(table.column(column), dtype)
+
+
+class RowMatrix:
+    """Rows of a part's float16 row matrix (.npy, `shards.put_part`) by offset: memory-mapped on a local
+    store (only the pages of the rows asked for are read), byte ranges of an object store (the header
+    once, then one concurrent range request per run of consecutive rows)."""
+
+    HEADER_BYTES = 4096  # an .npy header of a 2-d array is ~128 bytes
+
+    def __init__(self, store: Storage, rel: str):
+        self.store, self.rel = store, rel
+        self.path = store.fs_path(rel)
+        self._local = None if is_remote(store.root) else np.load(self.path, mmap_mode="r")
+        self._layout: tuple[int, tuple[int, int], np.dtype] | None = None  # data offset, shape, dtype
+
+    def _header(self) -> tuple[int, tuple[int, int], np.dtype]:
+        if self._layout is None:
+            f = io.BytesIO(self.store.fs.cat_file(self.path, start=0, end=self.HEADER_BYTES))
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            if fortran or len(shape) != 2:
+                raise ValueError(f"{self.rel}: not a C-order 2-d row matrix")
+            self._layout = (f.tell(), shape, dtype)
+        return self._layout
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """[len(rows), dim] in the stored dtype, in the order given."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self._local is not None:
+            return np.asarray(self._local[rows])
+        offset, (n, dim), dtype = self._header()
+        if len(rows) and (rows.min() < 0 or rows.max() >= n):
+            raise IndexError(f"{self.rel}: rows outside 0..{n - 1}")
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        breaks = np.flatnonzero(np.diff(uniq) != 1) + 1  # runs of consecutive rows: one range each
+        firsts = np.split(uniq, breaks)
+        row_bytes = dim * dtype.itemsize
+        starts = [offset + int(r[0]) * row_bytes for r in firsts]
+        ends = [offset + (int(r[-1]) + 1) * row_bytes for r in firsts]
+        blobs = self.store.fs.cat_ranges([self.path] * len(starts), starts, ends)
+        got = np.frombuffer(b"".join(blobs), dtype=dtype).reshape(len(uniq), dim)
+        return got[inverse]
 
 
 class ShardRows:

@@ -2,7 +2,7 @@
 
 Funnel: ANN on the chosen tier (default: the narrowest whose build-time rescored recall@10 reaches
 `search.recall_target`) -> shortlist of k * rescore -> rescored with the full-width vectors of only the
-shortlisted rows from the Parquet shards -> top k hits. A search reads what its hits need: ids,
+shortlisted rows, read by row offset from each part's float16 row matrix -> top k hits. A search reads what its hits need: ids,
 metadata and chunk offsets (and MaxSim's token vectors) of the hit / candidate rows only, from the row
 groups holding them (`ShardRows`: ordinal -> (shard, row) from the manifest's row counts, each
 Parquet footer read once). Tombstoned rows and rows of another modality are skipped inside the FAISS
@@ -194,14 +194,16 @@ class IndexReader:
 
     @property
     def full_width(self) -> funnel.VectorSource:
-        """What rescoring reads: vectors already in memory, else only the shortlisted rows from Parquet
-        (their row groups kept in an LRU cache of READER_GROUP_CACHE_BYTES)."""
+        """What rescoring reads: vectors already in memory, else only the shortlisted rows: from each
+        part's row matrix by offset, or (parts written without one) from Parquet, their row groups kept
+        in an LRU cache of READER_GROUP_CACHE_BYTES."""
         if self._vectors is not None:
             return funnel.ArrayVectors(self._vectors)
         if self._full is None:
             m = self.manifest
             self._full = funnel.ParquetVectors(self.storage, self.rows.paths, [s.rows for s in m.shards], m.dim,
-                                               group_cache_bytes=funnel.READER_GROUP_CACHE_BYTES, rows=self.rows)
+                                               group_cache_bytes=funnel.READER_GROUP_CACHE_BYTES, rows=self.rows,
+                                               vector_files=[s.vectors for s in m.shards])
         return self._full
 
     # -- search ---------------------------------------------------------------------------------
