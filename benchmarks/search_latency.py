@@ -6,16 +6,19 @@ Run from the repository root:
 
 The index is written directly (no model forward for the corpus): `--rows` synthetic unit vectors
 (`tiers_scale.draw`: a 1,000-cluster Gaussian mixture with Matryoshka-like decaying variance) at
-`--dim`, stored as float16 Parquet shards with the pipeline's schema and row groups (`put_table`), tiers
+`--dim`, stored as float16 Parquet parts with the pipeline's schema and row groups, each with its
+float16 row matrix (`put_part`, what the write stage writes), tiers
 built with `build_tiers` (IVF on-disk lists by default) and a published manifest that records the
 bundled MiniLM, so one text query can also go through the model. A built index is reused when
 `--root` already holds one of the same size.
 
 Each reader runs in a fresh process (peak RSS = that process's ru_maxrss): open + first query (one
 query vector, k=10), then the median of 20 warm single queries, on the narrowest tier and on the
-reader's default tier (recall target), then one text query (model load included). `--old-src` runs
-the same measurement with another source tree first on PYTHONPATH (e.g. `git archive HEAD src`), side
-by side.
+reader's default tier (recall target), then one text query (model load included). The same index is
+measured twice, side by side: rescoring from the row matrices ("row matrix"), and the reader told the
+parts have none ("parquet": the shortlisted rows' row groups decoded, as for parts written before row
+matrices existed). `--old-src` adds the same measurement with another source tree first on PYTHONPATH
+(e.g. `git archive HEAD src`).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def build(root: str, rows: int, dim: int, tier_dims: list[int], shard_rows: int,
     """Write shards, tiers and a manifest under `root` (one shard in memory at a time)."""
     from embindex.config import IndexConfig, JobConfig
     from embindex.index.manifest import Counts, Manifest, ModelEntry, ShardEntry
-    from embindex.index.shards import put_table
+    from embindex.index.shards import put_part
     from embindex.index.tier_builder import build_tiers
     from embindex.storage import Storage
 
@@ -69,8 +72,7 @@ def build(root: str, rows: int, dim: int, tier_dims: list[int], shard_rows: int,
     for i, start in enumerate(range(0, rows, shard_rows)):
         n = min(shard_rows, rows - start)
         rel = f"shards/{RUN_ID}/part-{i:05d}.parquet"
-        size, sha = put_table(store, rel, _shard(start, n, dim, seed=1000 + i))
-        shards.append(ShardEntry(path=rel, rows=n, bytes=size, sha256=sha))
+        shards.append(ShardEntry(**put_part(store, rel, _shard(start, n, dim, seed=1000 + i))))
     t_shards = time.perf_counter() - t0
     cfg = IndexConfig(uri=root, tiers=tier_dims, factory=factory, quality_sample=200, train_sample=50_000)
     entries, quality = build_tiers(store, [s.path for s in shards], dim, tier_dims, cfg, RUN_ID)
@@ -104,14 +106,23 @@ def _timed(fn):
     return time.perf_counter() - t0, out
 
 
-def measure(root: str, dim: int, narrowest: int) -> dict:
-    """One reader in this process: open + first query, warm queries, peak RSS, then a text query."""
+def measure(root: str, dim: int, narrowest: int, parquet: bool = False) -> dict:
+    """One reader in this process: open + first query, warm queries, peak RSS, then a text query.
+    `parquet`: rescore from the Parquet row groups, as if the parts had no row matrix."""
     import embindex
 
     queries = draw(41, dim, seed=7)
     base_rss = _rss_mb()
     out: dict = {"rss_after_imports_mb": round(base_rss, 1)}
-    t_open, reader = _timed(lambda: embindex.open_index(root))
+
+    def open_reader():
+        reader = embindex.open_index(root)
+        if parquet:
+            for s in reader.manifest.shards:
+                s.vectors = None
+        return reader
+
+    t_open, reader = _timed(open_reader)
     t_first, _ = _timed(lambda: reader.search_vectors(queries[:1], k=10, tier=narrowest))
     out["open_s"] = round(t_open, 3)
     out["open_plus_first_query_s"] = round(t_open + t_first, 3)
@@ -136,12 +147,12 @@ def measure(root: str, dim: int, narrowest: int) -> dict:
     return out
 
 
-def _run_measure(args: argparse.Namespace, src: str | None) -> dict:
+def _run_measure(args: argparse.Namespace, src: str | None, parquet: bool = False) -> dict:
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, __file__, "--phase", "measure", "--root", args.root, "--dim", str(args.dim),
-           "--tiers", args.tiers]
+           "--tiers", args.tiers] + (["--parquet"] if parquet else [])
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if res.returncode:
         raise RuntimeError(res.stderr[-3000:])
@@ -158,12 +169,13 @@ def main() -> None:
     p.add_argument("--root", default="/tmp/embindex-bench-search")
     p.add_argument("--old-src", default=None, help="source tree of the reader to compare with (PYTHONPATH)")
     p.add_argument("--phase", default="all", choices=["all", "measure"])
+    p.add_argument("--parquet", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     tier_dims = [int(t) for t in args.tiers.split(",")]
     if args.phase == "measure":
-        print(json.dumps(measure(args.root, args.dim, min(tier_dims))))
+        print(json.dumps(measure(args.root, args.dim, min(tier_dims), parquet=args.parquet)))
         return
-    marker = os.path.join(args.root, f"_bench-{args.rows}-{args.dim}-{args.tiers}-{args.factory}.json")
+    marker = os.path.join(args.root, f"_bench-{args.rows}-{args.dim}-{args.tiers}-{args.factory}-rowmatrix.json")
     if os.path.exists(marker):
         built = json.load(open(marker))
     else:
@@ -173,10 +185,10 @@ def main() -> None:
         built["build_peak_rss_mb"] = round(_rss_mb(), 1)
         json.dump(built, open(marker, "w"))
     print(json.dumps({"rows": args.rows, "dim": args.dim, "tiers": tier_dims, "index": built}, indent=1))
-    results = {"current": _run_measure(args, None)}
+    results = {"row matrix": _run_measure(args, None), "parquet": _run_measure(args, None, parquet=True)}
     if args.old_src:
         results["old"] = _run_measure(args, args.old_src)
-    keys = [k for k in results["current"] if k != "hits"]
+    keys = [k for k in results["row matrix"] if k != "hits"]
     print(f"{'':38s}" + "".join(f"{name:>16s}" for name in results))
     for k in keys:
         print(f"{k:38s}" + "".join(f"{str(r.get(k, '-')):>16s}" for r in results.values()))
