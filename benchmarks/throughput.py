@@ -14,7 +14,10 @@ distinct ids up to --docs) and the same model (bundled all-MiniLM-L6-v2) it meas
   (c) st:    `SentenceTransformer(path).encode(texts)` with its defaults (fp32, batch 32);
 
 and prints docs/s, tokens/s (real tokens, no padding), the ratios b/a and b/c, the min cosine of
-(a) and (b) against the fp32 reference (c), and markdown rows for benchmarks/RESULTS.md.
+(a) and (b) against the fp32 reference (c), the retrieval quality of each (MRR@10 and nDCG@10 of the
+bundled 32 sample queries and their qrels; (b) through `embindex search` on the index it built, its
+default tier and rescoring; (a) and (c) exact search over their vectors; copies of a document count
+as the document), and markdown rows for benchmarks/RESULTS.md.
 Each variant runs --repeats times (interleaved a, b, c); medians are reported.
 """
 
@@ -85,6 +88,35 @@ def write_corpus(docs: list[dict[str, Any]], folder: Path, n_files: int) -> Path
 # ------------------------------------------------------------------------------------- variants
 
 
+def sample_queries() -> tuple[list[str], list[str], dict[str, dict[str, int]]]:
+    """(query ids, query texts, qrels) of the bundled sample queries."""
+    from embindex.retrieve.trec import read_qrels
+
+    with open(str(files("embindex") / "data" / "sample_queries.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r["id"] for r in rows], [r["text"] for r in rows], read_qrels("builtin:sample-qrels")
+
+
+def base_id(doc_id: str) -> str:
+    """A copy's id (`id~k`) -> the document it copies."""
+    return doc_id.split("~", 1)[0]
+
+
+def quality(rankings: list[list[str]]) -> dict[str, float]:
+    """MRR@10 and nDCG@10 of the sample queries from one ranking of document ids per query."""
+    from embindex.retrieve.metrics import mean_metrics
+
+    qids, _, qrels = sample_queries()
+    runs = {q: [base_id(d) for d in r] for q, r in zip(qids, rankings)}
+    return {k: round(v, 4) for k, v in mean_metrics(runs, qrels, ("MRR@10", "nDCG@10")).items()}
+
+
+def exact_rankings(queries: np.ndarray, docs: np.ndarray, ids: list[str], depth: int) -> list[list[str]]:
+    scores = queries @ docs.T
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
+    return [[ids[j] for j in row] for row in top]
+
+
 def run_bare(texts: list[str], dtype: str, batch_tokens: int) -> dict[str, Any]:
     """(a) Embedder in this process: tokenize + token-budget batches + forward + pool + normalize."""
     import torch
@@ -105,7 +137,8 @@ def run_bare(texts: list[str], dtype: str, batch_tokens: int) -> dict[str, Any]:
     vecs = emb.embed_ids(ids)
     t3 = time.perf_counter()
     return {"seconds": t3 - t1, "tokenize_s": t2 - t1, "forward_s": t3 - t2, "load_s": load_s,
-            "tokens": int(sum(len(x) for x in ids)), "vectors": vecs, "threads": torch.get_num_threads()}
+            "tokens": int(sum(len(x) for x in ids)), "vectors": vecs, "threads": torch.get_num_threads(),
+            "queries": emb.encode(sample_queries()[1], role="query")}
 
 
 def run_st(texts: list[str]) -> dict[str, Any]:
@@ -122,7 +155,10 @@ def run_st(texts: list[str]) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     vecs = model.encode(texts)
-    return {"seconds": time.perf_counter() - t1, "load_s": load_s, "vectors": np.asarray(vecs, np.float32)}
+    seconds = time.perf_counter() - t1
+    queries = model.encode(sample_queries()[1], normalize_embeddings=True)
+    return {"seconds": seconds, "load_s": load_s, "vectors": np.asarray(vecs, np.float32),
+            "queries": np.asarray(queries, np.float32)}
 
 
 def ray_start(num_cpus: int | None, worker_niceness: int | None = None) -> float:
@@ -157,6 +193,8 @@ def run_build(corpus: Path, workdir: Path, dtype: str, overrides: dict[str, Any]
     t0 = time.perf_counter()
     res = embindex.build(cfg, overrides, log=None)
     seconds = time.perf_counter() - t0
+    reader = embindex.open_index(res.index_uri)
+    hits = reader.search(sample_queries()[1], k=30)  # default tier, the config's rescoring
     ids, vecs = [], []
     for shard in res.manifest.shards:
         t = pq.read_table(os.path.join(res.index_uri, shard.path), columns=["id", "vector"])
@@ -164,6 +202,7 @@ def run_build(corpus: Path, workdir: Path, dtype: str, overrides: dict[str, Any]
         col = t.column("vector").combine_chunks()
         vecs.append(col.flatten().to_numpy(zero_copy_only=False).reshape(len(t), -1).astype(np.float32))
     return {"seconds": seconds, "timings": dict(res.timings), "counts": dict(res.counts),
+            "quality": quality([[h.id for h in row] for row in hits]), "search_tier": reader.default_tier,
             "ids": ids, "vectors": np.concatenate(vecs) if vecs else np.zeros((0, 0), np.float32)}
 
 
@@ -296,6 +335,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"min cosine vs fp32 sentence-transformers: a {cos_a:.6f}" + (f", b {cos_b:.6f}" if cos_b else ""))
     if cos_ba is not None:
         print(f"min cosine b vs a (b stored as float16): {cos_ba:.6f}")
+    ids = [d["id"] for d in docs]
+    qual = {}
+    if runs["a"]:
+        qual["a"] = quality(exact_rankings(runs["a"][0]["queries"], runs["a"][0]["vectors"], ids, 30))
+    if runs["b"]:
+        qual["b"] = runs["b"][0]["quality"]
+    if runs["c"]:
+        qual["c"] = quality(exact_rankings(runs["c"][0]["queries"], runs["c"][0]["vectors"], ids, 30))
+    for k, v in qual.items():
+        where = (f"embindex search, default tier {runs['b'][0]['search_tier']}" if k == "b" else "exact search")
+        print(f"retrieval quality ({k}, {where}): MRR@10 {v['MRR@10']:.4f}, nDCG@10 {v['nDCG@10']:.4f} "
+              f"(32 sample queries)")
 
     # Markdown rows for benchmarks/RESULTS.md
     rows = []
@@ -318,16 +369,18 @@ def main(argv: list[str] | None = None) -> int:
                       f"start-up {100 * startup_s / b_s:.1f}% of (b)")
     if runs["b"] and runs["c"]:
         ratios.append(f"b/c = {c_s / b_s:.2f} excl. Ray start-up, {c_s / b_incl:.2f} incl.")
+    if qual:
+        ratios.append("MRR@10 " + ", ".join(f"{k} {v['MRR@10']:.4f}" for k, v in qual.items()))
     md = header + "\n" + "\n".join(rows) + ("\n\n" + "; ".join(ratios) + "\n" if ratios else "\n")
     print("\n" + md)
     if args.markdown:
         args.markdown.write_text(md)
     if args.json:
-        strip = lambda x: {k: v for k, v in x.items() if k not in ("vectors", "ids")}  # noqa: E731
+        strip = lambda x: {k: v for k, v in x.items() if k not in ("vectors", "ids", "queries")}  # noqa: E731
         args.json.write_text(json.dumps({
             "docs": n, "tokens": tokens, "dtype": args.dtype, "batch_tokens": batch_tokens, "machine": machine,
             "overrides": overrides, "worker_niceness": args.worker_niceness, "ray_init_s": ray_init_s, "min_cosine": {"a": cos_a, "b": cos_b, "b_vs_a": cos_ba},
-            "runs": {k: [strip(x) for x in v] for k, v in runs.items()},
+            "runs": {k: [strip(x) for x in v] for k, v in runs.items()}, "quality": qual,
         }, indent=2, default=str))
     return 0
 
