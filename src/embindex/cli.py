@@ -36,7 +36,8 @@ def _run_job(run: Any, config: str, set_: List[str], quiet: bool) -> Any:
     from .config import parse_override
     from .index.lease import LeaseTimeout
     from .index.publish import IndexChangedError
-    from .pipeline import BuildError, ReconciliationError
+    from .pipeline import BuildError
+    from .reconcile import ReconciliationError
     from .storage import ConditionalWritesUnsupported
 
     try:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import hashlib
-import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -19,16 +17,18 @@ from .config import JobConfig, load_config
 from .embed.progress import ProgressReporter
 from .index import layout, tiers
 from .index.manifest import Counts, Manifest, ModelEntry, RejectsEntry, ShardEntry
-from .index.commits import published_version, read_commits, read_run_record, unfinished_runs, write_run_record
+from .index.commits import read_commits
 from .index.gc import collect_garbage
-from .index.publish import latest_version, list_versions, publish, read_manifest
-from .index.shards import count_documents, read_table
+from .index.publish import latest_version, publish
 from .index.multivector import build_token_index
 from .index.tier_builder import build_tiers
 from .models import load_family
 from .models.checkpoint_files import checkpoint_hash
+from .outputs import check_offsets, check_outputs, outputs_entry, window_overlap
 from .sources.census import take_census
 from .ray_runtime import classify_failure, quiet_ray_data, ray_session
+from .reconcile import ReconciliationError, reconcile, shard_entries, stage_counts, token_count, used_dtype
+from .run_state import build_fingerprint, resolve_run
 from .sources.readers import open_corpus
 from .stages import actor_stages, apply_stages, generative_stages, plan_stages
 from .stages.normalize import Normalize
@@ -75,16 +75,6 @@ class BuildError(RuntimeError):
     """A run that cannot succeed as configured (or ran out of attempts): one readable line."""
 
 
-class ReconciliationError(RuntimeError):
-    """Rows in != documents indexed + rows rejected, or an id indexed twice: nothing is published."""
-
-
-def _run_id(cfg: JobConfig) -> str:
-    if cfg.run.id:
-        return cfg.run.id
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
-
-
 class Job:
     """One run against an index: the resolved model, the run id, the corpus plan, and the steps that
     `build` and `reindex` compose (embed fragments with retries, collect commits, publish).
@@ -119,7 +109,7 @@ class Job:
         """Inside the Ray session: Ray Data settings, the run id (resumed or new), the corpus plan."""
         ctx = quiet_ray_data(self.cfg.run.progress)
         ctx.target_max_block_size = None  # one block per fragment, never split: fragments are the commit unit
-        self.run_id = _resolve_run(self.cfg, self.store, self.fingerprint, self.log, self.kind, self.base)
+        self.run_id = resolve_run(self.cfg, self.store, self.fingerprint, self.log, self.kind, self.base)
         self.log(f"[embindex] run {self.run_id}: reading {self.cfg.source.uri}")
         self.corpus = open_corpus(self.cfg.source)
 
@@ -157,7 +147,7 @@ class Job:
         if missing:
             raise ReconciliationError(f"{len(missing)} fragment(s) have no commit marker; not published")
         records = [r for f in self.corpus.fragments if wanted(f) for r in committed.get(f.id, [])]
-        self.stage_counts = _stage_counts(records)
+        self.stage_counts = stage_counts(records)
         self.timings["embed_busy_s"] = round(sum(r.get("embed_s") or 0.0 for r in records
                                                  if r["fragment"] in self.embedded), 3)
         parts = sorted((r for r in records if r["kind"] == "part"), key=lambda r: r["path"])
@@ -215,38 +205,6 @@ class Job:
         return [s if isinstance(s, str) else by_name[s.stage].manifest_entry(
                 counts.get(by_name[s.stage].output_column(), {"documents": 0, "tokens": 0}))
                 for s in self.cfg.stages]
-
-
-def _stage_counts(records: list[dict]) -> dict[str, dict[str, int]]:
-    """Generative stages' counts summed over part records: {output column: {documents, tokens, flags...}}."""
-    total: dict[str, dict[str, int]] = {}
-    for r in records:
-        for out, counts in json.loads(r.get("stages") or "{}").items():
-            entry = total.setdefault(out, {})
-            for k, v in counts.items():
-                entry[k] = entry.get(k, 0) + int(v)
-    return total
-
-
-def merge_dtypes(*values: str | None) -> str | None:
-    """'float32 (cpu)' and 'bfloat16 (cuda), float32 (cpu)' -> 'bfloat16 (cuda), float32 (cpu)'."""
-    found = sorted({d.strip() for v in values for d in (v or "").split(",") if d.strip()})
-    return ", ".join(found) or None
-
-
-def used_dtype(parts: list[dict]) -> str | None:
-    """The dtype and device the embed actors ran, from the part records (None: no part says)."""
-    return merge_dtypes(*(r.get("dtype") for r in parts))
-
-
-def token_count(parts: list[dict]) -> int:
-    """Token vectors stored in these parts (multi-vector outputs)."""
-    return sum(int(p.get("tokens") or 0) for p in parts)
-
-
-def shard_entries(parts: list[dict]) -> list[ShardEntry]:
-    return [ShardEntry(path=p["path"], rows=p["rows"], bytes=p["bytes"], sha256=p["sha256"], vectors=p.get("vectors"))
-            for p in parts]
 
 
 def build(
@@ -315,122 +273,6 @@ def _run_stages(job: Job, todo: list[Any], normalize: Normalize, rows_in: int) -
     if reporter.first_batch_at is not None and "first_batch_s" not in job.timings:
         # start-up: from the job's start until an embed actor began its first batch
         job.timings["first_batch_s"] = round(reporter.first_batch_at - job.started_at, 3)
-
-
-def reconcile(store: Storage, parts: list[dict[str, Any]], rejects: list[dict[str, Any]],
-              rows_in: int) -> tuple[int, int, int]:
-    """Check rows in = documents indexed + rows rejected from the commit records (O(fragments)); the
-    write step checked each fragment for repeated (id, chunk) and the pre-pass made ids unique across
-    fragments. Returns (rows, documents, rejected); raises ReconciliationError (nothing is published)."""
-    n_rows = sum(r["rows"] for r in parts)
-    n_rej = sum(r["rows"] for r in rejects)
-    n_docs = sum(_documents(store, p) for p in parts)
-    if n_docs + n_rej != rows_in:
-        raise ReconciliationError(f"rows in {rows_in} != indexed {n_docs} + rejected {n_rej}; not published")
-    return n_rows, n_docs, n_rej
-
-
-def _documents(store: Storage, part: dict[str, Any]) -> int:
-    """Documents in a part: from its commit record (runs committed before records carried the count:
-    its ids, one part at a time)."""
-    if part.get("documents") is not None:
-        return int(part["documents"])
-    return count_documents(read_table(store, part["path"], columns=["id", "chunk"]))
-
-
-def build_fingerprint(cfg: JobConfig, checkpoint: str, stages: list[str] | None = None) -> str:
-    """What makes two builds' vectors comparable: model, task, role, dtype, length and outputs, and the
-    fingerprints of the generative stages that wrote the embedded text."""
-    m = cfg.model
-    payload = {"model": [m.name, checkpoint, m.task, m.role, m.dtype, m.max_length, m.pooling],
-               "outputs": cfg.outputs.model_dump(mode="json")}
-    if stages:
-        payload["stages"] = list(stages)
-    return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _resolve_run(cfg: JobConfig, store: Storage, fingerprint: str, log: Log, kind: str = "build",
-                 base: str | None = None) -> str:
-    """The run id: `run.id`, or with `run.resume` the newest unpublished run of the same kind (a
-    reindex: started from the same base), or a new one. A resumed run must have the same fingerprint
-    and source as the run it continues; a run id that published a version is never reused (its files
-    belong to that version and must not be rewritten)."""
-    run_id = cfg.run.id
-    if run_id is None and cfg.run.resume:
-        published = {read_manifest(store, v).run_id for v in list_versions(store)}
-        pending = [r for r in unfinished_runs(store, published) if _resumable(read_run_record(store, r), kind, base)]
-        run_id = pending[-1] if pending else None
-        if run_id:
-            log(f"[embindex] resuming run {run_id}")
-    run_id = run_id or _run_id(cfg)
-    done = published_version(store, run_id)
-    if done:
-        raise ValueError(f"run {run_id} already published {done} of {store.root}; its files are immutable. "
-                         "Use a new run id (or none: one is generated)")
-    record = read_run_record(store, run_id)
-    if record is not None and record["fingerprint"] != fingerprint:
-        raise ValueError(f"run {run_id} was started with another model/outputs fingerprint; "
-                         "use a new run id")
-    if record is not None and record.get("source", cfg.source.uri) != cfg.source.uri:
-        raise ValueError(f"run {run_id} was started on {record['source']}, not {cfg.source.uri}; use a new run id")
-    write_run_record(store, run_id, fingerprint, kind=kind, base=base, source=cfg.source.uri)
-    return run_id
-
-
-def _resumable(record: dict[str, Any] | None, kind: str, base: str | None) -> bool:
-    """A reindex continues only a reindex from the same base (its delta was computed against it)."""
-    if record is None or record.get("kind", "build") != kind:
-        return False
-    return kind != "reindex" or record.get("base") == base
-
-
-def window_overlap(cfg: JobConfig, window: int) -> int:
-    lc = cfg.outputs.late_chunking
-    return lc.window_overlap if lc and lc.window_overlap is not None else min(256, window // 4)
-
-
-def check_outputs(cfg: JobConfig, info: Any) -> None:
-    """Fail before any worker starts when the model cannot produce the configured outputs."""
-    mode = cfg.outputs.mode
-    multi = bool(info.extra.get("multi_vector"))  # multi-vector only (ColBERT)
-    if multi and mode != "multivector":
-        raise ValueError(f"model family {info.family!r} is multi-vector: set outputs.multivector")
-    if mode == "multivector" and not (multi or info.extra.get("multi_vector_capable")):
-        raise ValueError(f"model family {info.family!r} has no multi-vector output")
-    if mode == "late" and info.pooling != "mean":
-        raise ValueError(f"late chunking needs a mean-pooling model; {info.family!r} pools with {info.pooling!r}")
-    lc = cfg.outputs.late_chunking
-    if lc is not None and lc.window_overlap is not None and lc.window_overlap >= (lc.window or info.max_length):
-        raise ValueError("outputs.late_chunking.window_overlap must be smaller than the window")
-
-
-def check_offsets(cfg: JobConfig, family: Any) -> None:
-    """Late chunking and the "tokens" chunker map chunks through token offsets: refuse, before any worker
-    starts, a tokenizer that gives none."""
-    out = cfg.outputs
-    what = ("outputs.late_chunking" if out.late_chunking is not None else
-            "outputs.chunking.chunker: tokens" if out.chunking is not None and out.chunking.chunker == "tokens"
-            else None)
-    if what and not family.load_tokenizer().has_offsets:
-        raise ValueError(f"{what} needs token offsets, which the {family.name!r} tokenizer does not give; "
-                         f"use outputs.chunking with chunker: sentences or paragraphs")
-
-
-def outputs_entry(cfg: JobConfig, info: Any, window: int, tokens: int,
-                  token_index: dict[str, Any] | None) -> dict[str, Any]:
-    """What the manifest records about the outputs: the mode, its settings and multi-vector storage."""
-    entry: dict[str, Any] = {"mode": cfg.outputs.mode, **cfg.outputs.model_dump(mode="json")}
-    if cfg.outputs.late_chunking is not None:
-        entry["late_chunking"].update(window=window, window_overlap=window_overlap(cfg, window))
-    if cfg.outputs.multivector is not None:
-        dim = info.token_dim or info.dim
-        entry["multivector"].update(
-            dim=dim, codec="float16", column="token_vectors", tokens=tokens, bytes_per_token=2 * dim,
-            score="maxsim",
-        )
-        if token_index is not None:
-            entry["multivector"]["token_index"] = token_index
-    return entry
 
 
 def _scrub_secrets(config: Any) -> None:

@@ -30,8 +30,9 @@ from .index.publish import latest_version, read_manifest
 from .index.shards import put_table, read_table
 from .index.tier_builder import build_tiers
 from .logs import Log, stderr_log
-from .pipeline import BuildResult, Job, ReconciliationError, build, merge_dtypes, shard_entries, token_count, used_dtype
+from .pipeline import BuildResult, Job, build
 from .ray_runtime import ray_session
+from .reconcile import ReconciliationError, merge_dtypes, shard_entries, token_count, used_dtype
 from .sources.census import fragments_holding, take_census
 from .stages.normalize import Normalize
 from .storage import Storage
