@@ -124,3 +124,38 @@ def test_accelerator_gpu_asks_for_gpus_on_a_cluster_without_them(ray_cluster, tm
         proc.kill()
         out = proc.communicate()[0]
     assert "embed actors: 1..2 x (1 CPU, 1 GPU" in out
+
+
+@pytest.mark.parametrize("groups,want", [
+    ([("gpu-workers", {"CPU": 8, "GPU": 1}, 0, 4)], (1.0, 1.0)),  # a GPU group scaled to zero: ask for a GPU
+    ([("cpu-workers", {"CPU": 16}, 0, 10)], (0.0, 15.0)),  # CPU only: the largest node type's cores but one
+    ([("gpu-off", {"CPU": 8, "GPU": 1}, 0, 0)], (0.0, None)),  # a node type that can never start: ignored
+])
+def test_accelerator_auto_reads_the_autoscaler_node_types(ray_cluster, groups, want):
+    """`accelerator: auto` on a cluster whose autoscaler can start GPU nodes (none up yet) asks for GPUs; a
+    CPU actor is sized from the largest node type, not only the nodes alive now. The node types are the
+    cluster config an autoscaler (KubeRay, `ray up`) reports to the GCS, written here as it writes it."""
+    import ray
+    from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    from embindex.config import ActorResources
+    from embindex.ray_runtime import actor_resources
+
+    config = autoscaler_pb2.ClusterConfig()
+    for name, resources, lo, hi in groups:
+        g = config.node_group_configs.add(name=name, min_count=lo, max_count=hi)
+        for k, v in resources.items():
+            g.resources[k] = v
+    alive_cpus = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
+    assert ray.cluster_resources().get("GPU", 0) == 0
+    _internal_kv_put(GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, config.SerializeToString(),
+                     namespace=GCS_AUTOSCALER_STATE_NAMESPACE)
+    try:
+        cpus, gpus, _ = actor_resources(ActorResources(accelerator="auto"))
+    finally:
+        _internal_kv_del(GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, namespace=GCS_AUTOSCALER_STATE_NAMESPACE)
+    assert gpus == want[0]
+    assert cpus == (want[1] if want[1] is not None else max(1.0, alive_cpus - 1))
+    assert actor_resources(ActorResources(accelerator="auto"))[1] == 0.0  # config gone: back to what is up

@@ -210,7 +210,7 @@ class ActorResources(_Section):
     actors: int | ActorRange = Field(1, description="actors: a number, or {min, max} for an autoscaling pool")
     accelerator: Literal["auto", "gpu", "cpu"] = Field(
         "auto", description="gpu: actors ask for GPUs even when none is up yet (the autoscaler provisions them); "
-        "cpu: never; auto: GPUs when the cluster has them")
+        "cpu: never; auto: GPUs when the cluster has them or its autoscaler can start a node type with GPUs")
     cpus_per_actor: float | None = Field(None, gt=0)
     gpus_per_actor: float | None = Field(None, ge=0, description="fractions share a GPU between stages' actors")
     batch_tokens: int = Field(4096, gt=0, description="max padded tokens per forward batch (GPUs: 16k-64k)")

@@ -60,16 +60,18 @@ def actor_resources(res: ActorResources, share: int = 1) -> tuple[float, float, 
     """(cpus, gpus, torch threads) per actor of a stage (the embed stage: `resources`).
 
     GPUs: `gpus_per_actor` when set; else one per actor with `accelerator: gpu` (requested even when no GPU
-    node is up, so an autoscaler provisions one) or with `auto` on a cluster that has GPUs; none with `cpu`.
-    CPUs: `cpus_per_actor` when set; 1 beside a GPU; a CPU actor takes the cores of the largest node but one
-    (left for read and write tasks), split between the `share` actor stages of the job (a generative stage and
-    the embed stage), never the driver machine's core count."""
+    node is up, so an autoscaler provisions one) or with `auto` on a cluster that has GPUs or whose autoscaler
+    can start a node type with GPUs; none with `cpu`.
+    CPUs: `cpus_per_actor` when set; 1 beside a GPU; a CPU actor takes the cores of the largest node (alive,
+    or of a node type the autoscaler can start) but one (left for read and write tasks), split between the
+    `share` actor stages of the job (a generative stage and the embed stage), never the driver machine's
+    core count."""
     gpus = res.gpus_per_actor
     if gpus is None:
         if res.accelerator == "gpu":
             gpus = 1.0
         elif res.accelerator == "auto":
-            gpus = 1.0 if cluster_has_gpus() else 0.0
+            gpus = 1.0 if cluster_can_have_gpus() else 0.0
         else:
             gpus = 0.0
     cpus = res.cpus_per_actor
@@ -86,11 +88,32 @@ def cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def autoscaler_node_types() -> list[dict[str, float]]:
+    """Resources of each node type the cluster's autoscaler can start (KubeRay worker groups, `ray up`
+    node types; max_count != 0), from the cluster config the autoscaler reports to the GCS; [] without
+    an autoscaler (a local Ray, a fixed cluster)."""
+    import ray._private.state
+
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - an older GCS without the key: no autoscaler information
+        return []
+    if config is None:
+        return []
+    return [{k: float(v) for k, v in g.resources.items()} for g in config.node_group_configs if g.max_count != 0]
+
+
+def cluster_can_have_gpus() -> bool:
+    """GPUs up now, or a node type with GPUs the autoscaler can start (a GPU worker group scaled to zero)."""
+    return cluster_has_gpus() or any(t.get("GPU", 0) > 0 for t in autoscaler_node_types())
+
+
 def largest_node_cpus() -> float:
-    """CPUs of the alive node with the most (the head's when it is alone)."""
+    """CPUs of the largest node: alive ones (the head's when it is alone) and the autoscaler's node types."""
     import ray
 
-    return max((n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=1.0)
+    alive = [n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return max(alive + [t.get("CPU", 0.0) for t in autoscaler_node_types()], default=1.0) or 1.0
 
 
 def gpu_request(gpus: float) -> dict[str, Any]:

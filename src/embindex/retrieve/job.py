@@ -23,7 +23,7 @@ from ..config import RetrieveConfig, load_retrieve_config
 from ..index.publish import latest_version, read_manifest
 from ..logs import Log, stderr_log
 from ..models.reranker import RerankScores
-from ..ray_runtime import cluster_has_gpus, quiet_ray_data, ray_session
+from ..ray_runtime import cluster_can_have_gpus, quiet_ray_data, ray_session
 from ..storage import Storage, StorageOptions, fsspec_filesystem, strip_scheme
 from .metrics import DEFAULT_METRICS, evaluated_queries, query_metrics
 from .trec import read_qrels, run_lines
@@ -142,7 +142,7 @@ def _search_plan(cfg: RetrieveConfig, manifest: Any, stages: list[tuple[str, int
         ds = join_source_content(ds, manifest.config.get("source") or {}, storage, depth)
     gpus = res.rerank_gpus_per_actor
     if gpus is None:
-        gpus = 1.0 if cluster_has_gpus() else 0.0
+        gpus = 1.0 if cluster_can_have_gpus() else 0.0
     return ds.map_batches(RerankActor, batch_size=res.batch_queries, batch_format="pyarrow",
                           fn_constructor_kwargs={"rerank_json": cfg.rerank.model_dump_json(), "depth": depth,
                                                  "torch_threads": res.torch_threads},
