@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from embindex.config import ModelConfig, OutputsConfig
-from embindex.embed.stages import EmbedActor
+from embindex.embed.actor import EmbedActor
 from embindex.models import dtype_probe
 from embindex.models.base import ModelSpec
 from embindex.models.embedder import Embedder

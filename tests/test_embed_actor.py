@@ -10,7 +10,8 @@ import pytest
 
 from conftest import sample_docs
 from embindex.config import ModelConfig, OutputsConfig
-from embindex.embed.stages import EmbedActor, tokenize_batch
+from embindex.embed.actor import EmbedActor
+from embindex.embed.tokenize import tokenize_batch
 from embindex.index.shards import EMBED_SECONDS_COLUMN
 from embindex.models import embedder as embedder_module
 from embindex.sources.normalize import RowRules, normalize_record, reject_row, to_table

@@ -14,8 +14,9 @@ from PIL import Image
 
 from conftest import FIXTURES, sample_docs
 from embindex.config import ModelConfig, OutputsConfig
+from embindex.embed.actor import EmbedActor
 from embindex.embed.faults import NAN_ENV, OOM_ENV
-from embindex.embed.stages import EmbedActor, tokenize_batch
+from embindex.embed.tokenize import tokenize_batch
 from embindex.models.embedder import TokenBudget
 from embindex.sources.normalize import Reasons, RowRules, normalize_record, reject_row, to_table
 

@@ -12,7 +12,8 @@ import torch
 
 from conftest import sample_docs
 from embindex.config import ModelConfig, OutputsConfig
-from embindex.embed.stages import EmbedActor, tokenize_batch
+from embindex.embed.actor import EmbedActor
+from embindex.embed.tokenize import tokenize_batch
 from embindex.models import ModelSpec, load_family
 from embindex.models.late_chunking import late_chunk, window_starts, windows_per_forward
 from embindex.sources.normalize import RowRules, normalize_record, to_table

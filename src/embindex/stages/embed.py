@@ -1,12 +1,12 @@
 """`embed`: the embedding model on its actor pool (`resources`), one vector (or token vectors) per row
-(`embed.stages.EmbedActor`)."""
+(`embed.actor.EmbedActor`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ..config import JobConfig
-from ..embed.stages import EmbedActor
+from ..embed.actor import EmbedActor
 from .base import ActorStage
 
 

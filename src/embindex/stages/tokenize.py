@@ -1,5 +1,5 @@
 """`tokenize`: text -> input ids (and chunk spans), images -> prepared pixels, in CPU tasks
-(`embed.stages.tokenize_batch`)."""
+(`embed.tokenize.tokenize_batch`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from ..config import JobConfig
-from ..embed.stages import tokenize_batch
+from ..embed.tokenize import tokenize_batch
 from .base import TaskStage
 
 

@@ -1,6 +1,6 @@
-"""The Ray Data stages where models meet workers: tokenization (CPU tasks) and the embed actor.
+"""The embed stage's actor: one model per actor, embedding tokenized batches in the configured output mode.
 
-Both resolve the checkpoint inside the worker (`checkpoints.model_spec`), so a model in object
+The actor resolves the checkpoint inside the worker (`checkpoints.model_spec`), so a model in object
 storage is fetched once per node into the local cache, and the driver ships only the config.
 
 Output modes (`OutputsConfig.mode`):
@@ -19,8 +19,6 @@ indexed + rejected still holds.
 from __future__ import annotations
 
 import time
-from functools import lru_cache
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,154 +26,19 @@ import pyarrow.compute as pc
 
 from ..checkpoints import model_spec
 from ..config import ModelConfig, OutputsConfig
-from ..index.shards import CONTENT_COLUMN, CONTENT_IMAGE_COLUMN, DTYPE_COLUMN, EMBED_SECONDS_COLUMN
+from ..index.shards import CONTENT_COLUMN, DTYPE_COLUMN, EMBED_SECONDS_COLUMN
 from ..models import load_family
-from ..models.base import ImageProcessor, ModelFamily, Role, TextTokenizer
 from ..models.dtype_probe import choose_cpu_dtype
 from ..models.embedder import Embedder, Rejects, error_line, free_device_memory, is_device_oom
 from ..models.late_chunking import pool_spans, token_states, window_starts, windows_per_forward
 from ..sources.normalize import Reasons, with_rejects
 from ..text.batching import pad_batch
-from ..text.chunking import ChunkSpec, chunk_spans, token_spans
 from ..ray_runtime import ComputeThread
+from .columns import (TOKEN_VECTORS_COLUMN, VECTOR_COLUMN, lists_of, token_vectors_to_arrow, vectors_to_arrow,
+                      with_chunk_columns)
 from .faults import Faults, FaultyEncoder
-from .image_inputs import PIXEL_COLUMNS, pixels_of, prepare_image_rows
+from .image_inputs import PIXEL_COLUMNS, pixels_of
 from .progress import ProgressSink
-
-VECTOR_COLUMN = "vector"
-TOKEN_VECTORS_COLUMN = "token_vectors"
-CHUNK_COLUMNS = ("chunk", "start", "end")
-
-
-@lru_cache(maxsize=4)
-def _family(model_json: str) -> ModelFamily:
-    return load_family(model_spec(ModelConfig.model_validate_json(model_json)))
-
-
-@lru_cache(maxsize=4)
-def _tokenizer(model_json: str) -> TextTokenizer:
-    return _family(model_json).load_tokenizer()
-
-
-@lru_cache(maxsize=4)
-def _image_processor(model_json: str) -> ImageProcessor | None:
-    family = _family(model_json)
-    return family.load_image_processor() if "image" in family.info().modalities else None
-
-
-def _text_rows(batch: pa.Table) -> list[bool]:
-    """Rows whose text is embedded: documents (not rejects) that are not images."""
-    ok = pc.and_(pc.is_null(batch.column("reject")), pc.equal(batch.column("modality"), "text"))
-    return pc.fill_null(ok, False).to_pylist()
-
-
-def _list_array(arrays: list[np.ndarray]) -> pa.ListArray:
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    flat = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32()))
-
-
-def _lists_of(col: pa.ChunkedArray, rows: np.ndarray) -> list[np.ndarray]:
-    arr = col.combine_chunks()
-    offsets, values = arr.offsets.to_numpy(), arr.values.to_numpy()
-    return [values[offsets[i] : offsets[i + 1]] for i in rows]
-
-
-def _chunk_spec(c: Any) -> ChunkSpec:
-    return ChunkSpec(chunker=c.chunker, chunk_size=c.chunk_size, n_sentences=c.n_sentences, overlap=c.overlap)
-
-
-def _with_chunk_columns(batch: pa.Table, chunk=None, start=None, end=None) -> pa.Table:
-    n = batch.num_rows
-    for name, values in zip(CHUNK_COLUMNS, (chunk, start, end)):
-        batch = batch.append_column(name, pa.array(values if values is not None else [None] * n, pa.int32()))
-    return batch
-
-
-def _explode_chunks(batch: pa.Table, tok: TextTokenizer, spec: ChunkSpec, role: Role, task: str | None) -> pa.Table:
-    """Naive chunking: one row per chunk, its text the chunk's characters; rejects stay one row."""
-    texts = batch.column("text").to_pylist()
-    take, chunk, start, end, chunk_texts = [], [], [], [], []
-    for i, (text, is_text) in enumerate(zip(texts, _text_rows(batch))):
-        if not is_text:  # rejects and images stay one row
-            take.append(i), chunk.append(None), start.append(None), end.append(None), chunk_texts.append(None)
-            continue
-        offsets = tok.encode_with_offsets(text, role, task, truncate=False).offsets if spec.chunker == "tokens" \
-            else None
-        for k, (s, e) in enumerate(chunk_spans(text, spec, offsets) or [(0, len(text))]):
-            take.append(i), chunk.append(k), start.append(s), end.append(e), chunk_texts.append(text[s:e])
-    out = batch.take(pa.array(take, pa.int64())).drop_columns(["text"])
-    out = out.append_column("text", pa.array(chunk_texts, pa.string()))
-    return _with_chunk_columns(out, chunk, start, end)
-
-
-def tokenize_batch(batch: pa.Table, model_json: str, outputs_json: str, role: Role, task: str | None,
-                   max_length: int, max_image_pixels: int = 64_000_000, store_content: bool = False) -> pa.Table:
-    """Add `input_ids` (list<int32>) to text documents (rejects and images get an empty list), chunk
-    columns, and the prepared pixels of image rows (`image_inputs.prepare_image_rows`).
-    Late chunking also adds `chunk_chars` / `chunk_tokens` (flattened [start, end] pairs).
-    `store_content` keeps each row's text (`content`; a chunk row's own span) and encoded image
-    (`content_image`) for the shards, so rerankers can read candidates from the index."""
-    tok = _tokenizer(model_json)
-    encoded = batch.column("image") if store_content else None
-    batch = prepare_image_rows(batch, _image_processor(model_json), _family(model_json).name, max_image_pixels)
-    if encoded is not None:
-        batch = batch.append_column(CONTENT_IMAGE_COLUMN, encoded)
-    outputs = OutputsConfig.model_validate_json(outputs_json)
-    mode = outputs.mode
-    if mode == "naive":
-        batch = _explode_chunks(batch, tok, _chunk_spec(outputs.chunking), role, task)
-    elif mode != "late":
-        batch = _with_chunk_columns(batch)
-    if store_content:
-        batch = batch.append_column(CONTENT_COLUMN, batch.column("text"))
-    texts = batch.column("text").to_pylist()
-    todo = [i for i, ok in enumerate(_text_rows(batch)) if ok]
-    empty = np.zeros(0, dtype=np.int32)
-    ids: list[np.ndarray] = [empty] * batch.num_rows
-    if mode != "late":
-        if todo:
-            for i, arr in zip(todo, tok([texts[i] for i in todo], role, task)):
-                ids[i] = arr
-        return batch.drop_columns(["text"]).append_column("input_ids", _list_array(ids))
-
-    lc = outputs.late_chunking
-    spec = _chunk_spec(lc)
-    chars: list[np.ndarray] = [empty] * batch.num_rows
-    tokens: list[np.ndarray] = [empty] * batch.num_rows
-    for i in todo:
-        enc = tok.encode_with_offsets(texts[i], role, task, truncate=False)
-        n = min(len(enc.ids), lc.max_doc_tokens)
-        offsets = enc.offsets[:n]
-        spans = chunk_spans(texts[i], spec, offsets) or [(0, len(texts[i]))]
-        tspans = token_spans(offsets, spans)
-        keep = [k for k, (s, e) in enumerate(tspans) if e > s]
-        ids[i] = enc.ids[:n]
-        chars[i] = np.asarray([spans[k] for k in keep], dtype=np.int32).reshape(-1)
-        tokens[i] = np.asarray([tspans[k] for k in keep], dtype=np.int32).reshape(-1)
-    out = batch.drop_columns(["text"]).append_column("input_ids", _list_array(ids))
-    return out.append_column("chunk_chars", _list_array(chars)).append_column("chunk_tokens", _list_array(tokens))
-
-
-def vectors_to_arrow(vectors: np.ndarray, valid: np.ndarray | None = None) -> pa.FixedSizeListArray:
-    """[N, d] float -> fixed_size_list<float16>[d]; rows where `valid` is False are null."""
-    n, d = vectors.shape
-    values = pa.array(np.ascontiguousarray(vectors, dtype=np.float16).reshape(-1))
-    mask = None if valid is None else pa.array(~valid)
-    return pa.FixedSizeListArray.from_arrays(values, d, mask=mask)
-
-
-def token_vectors_to_arrow(per_row: list[np.ndarray | None], dim: int) -> pa.ListArray:
-    """Per-row [n_i, d] token vectors -> list<fixed_size_list<float16>[d]> (null for rejects)."""
-    lengths = [0 if v is None else len(v) for v in per_row]
-    offsets = np.zeros(len(per_row) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = [v for v in per_row if v is not None and len(v)]
-    values = np.concatenate(flat).astype(np.float16) if flat else np.zeros((0, dim), np.float16)
-    inner = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim)
-    mask = pa.array([v is None for v in per_row])
-    return pa.ListArray.from_arrays(pa.array(offsets), inner, mask=mask)
 
 
 class EmbedActor:
@@ -268,7 +131,7 @@ class EmbedActor:
         rejects: Rejects = {}
         if texts.size:
             local: Rejects = {}
-            vectors[texts] = self.embedder.embed_ids(_lists_of(batch.column("input_ids"), texts), self.task,
+            vectors[texts] = self.embedder.embed_ids(lists_of(batch.column("input_ids"), texts), self.task,
                                                      on_batch=self._report, rejects=local)
             _add_rejects(rejects, local, texts)
         if images.size:
@@ -302,9 +165,9 @@ class EmbedActor:
     def _late(self, batch: pa.Table, todo: np.ndarray, images: np.ndarray) -> pa.Table:
         """Text documents: one vector per chunk span; images: one vector, no chunk. A document that does
         not fit the device or has a non-finite chunk vector is one reject row."""
-        ids = _lists_of(batch.column("input_ids"), np.arange(batch.num_rows))
-        chars = _lists_of(batch.column("chunk_chars"), np.arange(batch.num_rows))
-        toks = _lists_of(batch.column("chunk_tokens"), np.arange(batch.num_rows))
+        ids = lists_of(batch.column("input_ids"), np.arange(batch.num_rows))
+        chars = lists_of(batch.column("chunk_chars"), np.arange(batch.num_rows))
+        toks = lists_of(batch.column("chunk_tokens"), np.arange(batch.num_rows))
         spans = {int(i): [tuple(int(x) for x in s) for s in toks[i].reshape(-1, 2) if s[1] > s[0]] for i in todo}
         rejects: Rejects = {}
         per_doc: dict[int, np.ndarray] = {}
@@ -332,7 +195,7 @@ class EmbedActor:
             for k, ((s, e), v) in enumerate(zip(chars[i].reshape(-1, 2), per_doc[i])):
                 take.append(i), chunk.append(k), start.append(int(s)), end.append(int(e)), vecs.append(v)
         out = _drop_inputs(batch.take(pa.array(take, pa.int64())))
-        out = _with_chunk_columns(out, chunk, start, end)
+        out = with_chunk_columns(out, chunk, start, end)
         if CONTENT_COLUMN in out.column_names:  # each chunk row keeps its own span of the document
             text = out.column(CONTENT_COLUMN).to_pylist()
             spans_ = [t if s is None or t is None else t[s:e] for t, s, e in zip(text, start, end)]
@@ -397,7 +260,7 @@ class EmbedActor:
         rejects: Rejects = {}
         if texts.size:
             local: Rejects = {}
-            vecs, toks = self.embedder.embed_multi(_lists_of(batch.column("input_ids"), texts), self.task,
+            vecs, toks = self.embedder.embed_multi(lists_of(batch.column("input_ids"), texts), self.task,
                                                    rejects=local)
             _add_rejects(rejects, local, texts)
             single[texts] = vecs
