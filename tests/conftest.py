@@ -99,14 +99,14 @@ def encoder(family):
     return family.load_encoder("cpu")
 
 
-def pooled_batch(tokenizer, encoder, ids, task=None, side: str = "right"):
+def pooled_batch(tokenizer, encoder, ids, task=None, side: str = "right", role=None):
     """`encoder.forward_pooled` of token id lists padded as one batch -> [B, D] fp32 numpy."""
     import torch
 
     from embindex.text.batching import pad_batch
 
     input_ids, mask = pad_batch(ids, tokenizer.pad_token_id, side)
-    out = encoder.forward_pooled(torch.from_numpy(input_ids), torch.from_numpy(mask), task)
+    out = encoder.forward_pooled(torch.from_numpy(input_ids), torch.from_numpy(mask), task, role)
     assert out.dtype == torch.float32
     return out.numpy()
 

@@ -96,10 +96,10 @@ def test_oom_lowers_the_budget_once_and_later_batches_remember_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(1))
 
-    def over_two_longest_rows(original, input_ids, mask, task=None):
+    def over_two_longest_rows(original, input_ids, mask, *rest):
         if input_ids.numel() > 2 * longest:
             raise oom()
-        return original(input_ids, mask, task)
+        return original(input_ids, mask, *rest)
 
     calls = patch_forward(monkeypatch, a.embedder.encoder, "forward_pooled", over_two_longest_rows)
     got = by_key(a(batch))
@@ -135,10 +135,10 @@ def test_rows_that_alone_do_not_fit_are_rejected_with_a_detail(monkeypatch):
     ref = by_key(a(batch))
     n_tokens = lengths(batch)
 
-    def over_100_tokens(original, input_ids, mask, task=None):
+    def over_100_tokens(original, input_ids, mask, *rest):
         if input_ids.shape[1] > 100:  # the message form some CUDA errors take
             raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")
-        return original(input_ids, mask, task)
+        return original(input_ids, mask, *rest)
 
     patch_forward(monkeypatch, a.embedder.encoder, "forward_pooled", over_100_tokens)
     out = a(batch)
@@ -231,8 +231,8 @@ def nan_rows(targets: list[np.ndarray], value: float = float("nan"), token: int 
     """A forward wrapper that sets `value` in the outputs of rows whose ids are one of `targets`: the whole
     row, or only its `token`-th token (multi-vector: its `token`-th kept token)."""
 
-    def wrap(original, input_ids, mask, task=None):
-        out = original(input_ids, mask, task)
+    def wrap(original, input_ids, mask, *rest):  # rest: task (and role, for forward_pooled)
+        out = original(input_ids, mask, *rest)
         parts = list(out) if isinstance(out, tuple) else [out]
         t = parts[-2 if isinstance(out, tuple) else -1].clone()  # token vectors / states, or the pooled vector
         for b in range(input_ids.shape[0]):

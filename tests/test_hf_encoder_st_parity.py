@@ -71,7 +71,7 @@ def make_st(path, base: str, pooling="mean", dense=(), normalize=False, include_
 def ours(path: str, texts=TEXTS, role="document", **spec):
     fam = load_family(ModelSpec(name="hf-encoder", path=path, dtype="float32", **spec))
     tok = fam.load_tokenizer()
-    return pooled_batch(tok, fam.load_encoder("cpu"), tok(texts, role)), fam
+    return pooled_batch(tok, fam.load_encoder("cpu"), tok(texts, role), role=role), fam
 
 
 def reference(path: str, texts=TEXTS, role="document", **kwargs) -> np.ndarray:
@@ -207,6 +207,22 @@ def test_include_prompt_false_role_without_prompt(tmp_path, base):
     assert_parity(path, "query")
 
 
+def test_include_prompt_false_documents_that_start_like_the_query_prompt(tmp_path, base):
+    """Documents (no prompt) whose texts all begin with the query prompt's words: the rows' role says they
+    carry no prompt, so every token is pooled, as sentence-transformers' encode_document does (recognising
+    the prompt from the ids alone would drop those words from every row)."""
+    from embindex.models.embedder import Embedder
+
+    texts = ["query: looks like a prompt but is text", "query: how to open a gzip file", "query: x"]
+    path = make_st(tmp_path / "ipd", base, pooling="mean", include_prompt=False, prompts={"query": "query: "})
+    ref = reference(path, texts, "document")
+    got, fam = ours(path, texts, "document")
+    assert np.abs(got - ref).max() < TOL, np.abs(got - ref).max()
+    through_embedder = Embedder(fam, device="cpu").encode(texts, role="document")  # the pipeline's path
+    assert np.abs(through_embedder - ref / np.linalg.norm(ref, axis=1, keepdims=True)).max() < TOL
+    assert_parity(path, "query", texts)  # queries of the same texts still leave their prompt out
+
+
 def test_include_prompt_false_bpe_prompt_space(tmp_path):
     """Qwen2's BPE tokenizer (from a fixture): the prompt's trailing space is a token of its own alone but
     merges into the text's first token in `prompt + text`; sentence-transformers still leaves out the
@@ -222,7 +238,7 @@ def test_include_prompt_false_bpe_prompt_space(tmp_path):
     path = make_st(tmp_path / "st", str(tmp_path / "qwen"), pooling=("lasttoken", "mean"), include_prompt=False,
                    prompts={"query": "Instruct: find the code\nQuery: ", "document": "passage: "}, hidden=8)
     fam = load_family(ModelSpec(name="hf-encoder", path=path, dtype="float32"))
-    assert all(p.loose_last for p in fam.load_encoder("cpu").prompts)
+    assert all(p.loose_last for p in fam.load_encoder("cpu").prompts.values())
     assert_parity(path, "query")
     assert_parity(path, "document")
 

@@ -68,6 +68,7 @@ class EmbedActor:
         if cfg.dtype == "auto" and self.embedder.encoder.device.type == "cpu":  # bf16 where it runs like fp32
             self.dtype_choice = choose_cpu_dtype(self.embedder, task, multivector=self.mode == "multivector")
         self.task = task
+        self.role = cfg.role  # what the tokenize stage tokenized the rows as
         self.dim = self.embedder.info.dim
         self.dtype = f"{self.embedder.dtype_name} ({self.embedder.encoder.device.type})"  # what `auto` became
         self.window = window or self.embedder.info.max_length
@@ -132,7 +133,7 @@ class EmbedActor:
         if texts.size:
             local: Rejects = {}
             vectors[texts] = self.embedder.embed_ids(lists_of(batch.column("input_ids"), texts), self.task,
-                                                     on_batch=self._report, rejects=local)
+                                                     on_batch=self._report, rejects=local, role=self.role)
             _add_rejects(rejects, local, texts)
         if images.size:
             vectors[images] = self._images(batch, images, rejects)[0]

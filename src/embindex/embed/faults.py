@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..models.base import Role
+
 OOM_ENV = "EMBINDEX_FAULT_OOM_ABOVE_TOKENS"
 NAN_ENV = "EMBINDEX_FAULT_NAN_IDS"
 
@@ -98,9 +100,10 @@ class FaultyEncoder:
         t[rows] = float("nan")
         return t
 
-    def forward_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None):
+    def forward_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None,
+                       role: Role | None = None):
         self._check_tokens(input_ids.numel())
-        out = self.inner.forward_pooled(input_ids, attention_mask, task)
+        out = self.inner.forward_pooled(input_ids, attention_mask, task, role)
         return self._nan(out, self._text_rows(input_ids, attention_mask))
 
     def forward_token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None):

@@ -124,9 +124,12 @@ class TextEncoder(ABC):
 
     @abstractmethod
     def forward_pooled(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None,
+        role: Role | None = None,
     ) -> torch.Tensor:
-        """[B, L] ids and mask -> [B, D] fp32, not normalized."""
+        """[B, L] ids and mask -> [B, D] fp32, not normalized. `role`: what every row is (its tokenizer
+        prefix / prompt), for encoders whose pooling depends on it (sentence-transformers' Pooling with
+        include_prompt=false); None where unknown."""
 
     def forward_token_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None

@@ -143,15 +143,17 @@ class Embedder:
         return self.tokenizer(texts, role, task)
 
     def embed_ids(self, ids: Sequence[np.ndarray], task: str | None = None,
-                  on_batch: Callable[[int], None] | None = None, rejects: Rejects | None = None) -> np.ndarray:
+                  on_batch: Callable[[int], None] | None = None, rejects: Rejects | None = None,
+                  role: Role | None = None) -> np.ndarray:
         """Token ids -> [N, dim] float32 L2-normalized, in input order. `on_batch(rows)` after each forward.
+        `role`: what the ids were tokenized as (see `TextEncoder.forward_pooled`).
         With `rejects`, rows too large for the device or with a non-finite vector are recorded there
         (their vectors are zero) instead of raising."""
         out = np.zeros((len(ids), self.info.dim), dtype=np.float32)
 
         def forward(idx: np.ndarray) -> None:
             input_ids, mask = pad_batch([ids[i] for i in idx], self.tokenizer.pad_token_id, self.padding_side)
-            pooled = self.encoder.forward_pooled(torch.from_numpy(input_ids), torch.from_numpy(mask), task)
+            pooled = self.encoder.forward_pooled(torch.from_numpy(input_ids), torch.from_numpy(mask), task, role)
             out[idx] = pooled.float().cpu().numpy()
             if on_batch is not None:
                 on_batch(len(idx))
@@ -163,7 +165,7 @@ class Embedder:
         return l2_normalize(out)
 
     def encode(self, texts: Sequence[str], role: Role = "document", task: str | None = None) -> np.ndarray:
-        return self.embed_ids(self.tokenize(texts, role, task), task)
+        return self.embed_ids(self.tokenize(texts, role, task), task, role=role)
 
     # -- rows the device cannot take, outputs that are not finite -------------------------------
     @property

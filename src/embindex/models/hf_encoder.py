@@ -93,11 +93,11 @@ def _add_lowercase(tok) -> None:
 
 class HFEncoder(TextEncoder):
     """AutoModel + pooling; with `pipeline`, the sentence-transformers modules after the transformer
-    (`prompts`: the role prompts whose tokens a Pooling with include_prompt=false leaves out)."""
+    (`prompts`: role -> the prompt whose tokens a Pooling with include_prompt=false leaves out)."""
 
     def __init__(self, path: str, pooling: str, device: torch.device, dtype: torch.dtype,
                  pipeline: st_modules.STPipeline | None = None,
-                 prompts: Sequence[st_modules.PromptPrefix] = ()):
+                 prompts: dict[Role, st_modules.PromptPrefix] | None = None):
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 
@@ -107,7 +107,7 @@ class HFEncoder(TextEncoder):
         self.model.to(device).eval()
         self.pool = POOLERS.get(pooling)
         self.modules = st_modules.build_modules(pipeline).to(device) if pipeline is not None else None
-        self.prompts = tuple(prompts)
+        self.prompts = dict(prompts or {})
 
     @torch.inference_mode()
     def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -116,13 +116,17 @@ class HFEncoder(TextEncoder):
 
     @torch.inference_mode()
     def _st_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     until_pooling: bool = False) -> dict[str, torch.Tensor]:
+                     until_pooling: bool = False, role: Role | None = None) -> dict[str, torch.Tensor]:
         assert self.modules is not None
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         features = {"token_embeddings": self._hidden(input_ids, attention_mask).float(),
                     "attention_mask": attention_mask}
         if self.prompts:
-            features["prompt_length"] = st_modules.prompt_lengths(self.prompts, input_ids, attention_mask)
+            # the rows' role says which prompt they start with (as sentence-transformers knows the prompt it
+            # prepended); without it, each row's prompt is recognised from its first tokens
+            prefixes = ([self.prompts[role]] if role in self.prompts else []) if role is not None \
+                else list(self.prompts.values())
+            features["prompt_length"] = st_modules.prompt_lengths(prefixes, input_ids, attention_mask)
         for module in self.modules:
             if until_pooling and isinstance(module, st_modules.Pooling):
                 break
@@ -137,12 +141,13 @@ class HFEncoder(TextEncoder):
         return self._st_features(input_ids, attention_mask, until_pooling=True)["token_embeddings"]
 
     def forward_pooled(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None,
+        role: Role | None = None,
     ) -> torch.Tensor:
         if self.modules is None:
             hidden = self.forward_token_states(input_ids, attention_mask, task)
             return self.pool(hidden, attention_mask.to(self.device))
-        return self._st_features(input_ids, attention_mask)["sentence_embedding"].float()
+        return self._st_features(input_ids, attention_mask, role=role)["sentence_embedding"].float()
 
 
 class HFEncoderFamily(ModelFamily):
@@ -205,9 +210,9 @@ class HFEncoderFamily(ModelFamily):
 
     def load_encoder(self, device: str | torch.device | None = None) -> HFEncoder:
         dev = pick_device(device)
-        prefixes: list[st_modules.PromptPrefix] = []
+        prefixes: dict[Role, st_modules.PromptPrefix] = {}
         if self.pipeline is not None and self.pipeline.excludes_prompt and self.prompts:
             tok = self.load_tokenizer()
-            prefixes = [tok.prompt_prefix(p) for p in sorted(set(self.prompts.values()))]
+            prefixes = {role: tok.prompt_prefix(p) for role, p in self.prompts.items()}
         return HFEncoder(self.spec.path, self.pooling, dev, resolve_dtype(self.spec.dtype, dev),
                          self.pipeline, prefixes)

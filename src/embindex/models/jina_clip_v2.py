@@ -284,7 +284,8 @@ class JinaClipV2Encoder(TextEncoder):
 
     @torch.inference_mode()
     def forward_pooled(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None,
+        role: Role | None = None,
     ) -> torch.Tensor:
         """[B, L] -> [B, D] fp32 masked mean (identity projection), not normalised."""
         mask = attention_mask.to(self.device)

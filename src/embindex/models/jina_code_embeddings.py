@@ -146,7 +146,8 @@ class JinaCodeEncoder(TextEncoder):
 
     @torch.inference_mode()
     def forward_pooled(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None,
+        role: Role | None = None,
     ) -> torch.Tensor:
         ids = input_ids.to(self.device)
         mask = attention_mask.to(self.device)

@@ -153,7 +153,8 @@ class ColbertEncoder(TextEncoder):
         return vecs, keep
 
     def forward_pooled(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None,
+        role: Role | None = None,
     ) -> torch.Tensor:
         raise NotImplementedError("jina-colbert-v2 is multi-vector: use forward_tokens and maxsim")
 

@@ -434,7 +434,8 @@ class JinaBertEncoderModel(TextEncoder):
         return self.model(input_ids.to(self.device), attention_mask.to(self.device))
 
     def forward_pooled(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None = None,
+        role: Role | None = None,
     ) -> torch.Tensor:
         mask = attention_mask.to(self.device)
         return self.pool(self.forward_token_states(input_ids, mask, task), mask)

@@ -132,7 +132,8 @@ class JinaV3Encoder(TextEncoder):
 
     @torch.inference_mode()
     def forward_pooled(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | Sequence[str] | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | Sequence[str] | None = None,
+        role: Role | None = None,
     ) -> torch.Tensor:
         """[B, L] -> [B, H] fp32 masked mean, not normalised."""
         mask = attention_mask.to(self.device)

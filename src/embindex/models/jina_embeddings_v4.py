@@ -268,7 +268,7 @@ class JinaV4Encoder(TextEncoder):
     # ---- TextEncoder -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       task: str | Sequence[str] | None = None) -> torch.Tensor:
+                       task: str | Sequence[str] | None = None, role: Role | None = None) -> torch.Tensor:
         h, _, mask = self._text(input_ids, attention_mask, task, project=False)
         return mean_pool(h, mask)
 

@@ -358,7 +358,8 @@ class PromptPrefix:
 def prompt_lengths(prefixes: Sequence[PromptPrefix], input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B] the prompt tokens each row starts with (the longest matching prefix), or all 0 when any row starts
     with none: a batch holds one role, and a role without a prompt may have texts that start like a prompt.
-    (Ambiguous still: a batch of such texts only, e.g. one document that starts with the query prompt.)"""
+    Callers that know the rows' role pass only that role's prompt (none: all 0), which leaves no ambiguity;
+    given every role's prompts, a batch of prompt-less texts that all start like a prompt is misread."""
     out = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     first = mask.int().argmax(1, keepdim=True)
     count = mask.sum(1)
