@@ -227,6 +227,34 @@ def test_corpus_inside_the_sample_builds_from_memory_like_from_shards(corpus, tm
     assert built["memory"] == built["shards"]
 
 
+def test_quality_step_rescores_from_the_row_matrices(corpus, monkeypatch):
+    """Given the shards' row matrices, the build's quality step reads candidates from them, not from the
+    Parquet vector column, and measures the same recall."""
+    from embindex.index import sampling, vector_io
+    from embindex.index.shards import vector_matrix_bytes
+
+    store, paths, _ = corpus
+    matrices = []
+    for rel in paths:
+        matrices.append(rel.replace(".parquet", ".vectors.npy"))
+        store.write_bytes(matrices[-1], vector_matrix_bytes(pq.read_table(store.fs_path(rel))))
+    monkeypatch.setattr(sampling.ShardScan, "complete", property(lambda self: False))  # stream, not memory
+    cfg = IndexConfig(uri=store.root, factory="Flat", quality_sample=60)
+    recalls = {}
+    for mode in ("parquet", "matrices"):
+        if mode == "matrices":
+            read = vector_io.ShardRows.read
+
+            def no_vector_column(self, s, rows, columns):
+                assert "vector" not in columns, "rescored from the Parquet vector column"
+                return read(self, s, rows, columns)
+            monkeypatch.setattr(vector_io.ShardRows, "read", no_vector_column)
+        _, quality = build_tiers(store, paths, DIM, [16, 32, DIM], cfg, f"run-{mode}",
+                                 vector_files=matrices if mode == "matrices" else None)
+        recalls[mode] = {d: {k: v for k, v in t.items() if k.startswith("recall")} for d, t in quality["tiers"].items()}
+    assert recalls["parquet"] == recalls["matrices"] and recalls["parquet"]["16"]["recall@10_rescored"] > 0
+
+
 def test_funnel_whose_shortlist_covers_the_corpus_is_exact(corpus):
     store, paths, stored = corpus
     n = len(stored)

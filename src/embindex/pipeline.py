@@ -235,7 +235,8 @@ def build(
         t = time.perf_counter()
         paths = [p["path"] for p in parts]
         tier_entries, quality = build_tiers(job.store, paths, job.info.dim, job.tier_dims, cfg.index, job.run_id,
-                                            shard_rows=[p["rows"] for p in parts])
+                                            shard_rows=[p["rows"] for p in parts],
+                                            vector_files=[p.get("vectors") for p in parts])
         token_index = None
         if cfg.outputs.multivector is not None and cfg.outputs.multivector.candidates == "tokens":
             token_index = build_token_index(job.store, paths, job.info.token_dim or job.info.dim, job.run_id)

@@ -97,8 +97,9 @@ def reindex(config: str | os.PathLike | dict[str, Any] | JobConfig, overrides: d
         rebuild = _why_rebuild_tiers(base.tiers, stored_rows + len(delta_ids), trained_rows, cfg.index)
         if rebuild:
             log(f"[embindex] {rebuild}: rebuilding every tier from the stored vectors (nothing re-embedded)")
-            tier_entries, quality = build_tiers(store, all_paths, job.info.dim, job.tier_dims, cfg.index,
-                                                job.run_id, shard_rows=all_rows)
+            tier_entries, quality = build_tiers(
+                store, all_paths, job.info.dim, job.tier_dims, cfg.index, job.run_id, shard_rows=all_rows,
+                vector_files=[s.vectors for s in base.shards] + [p.get("vectors") for p in parts])
             trained_rows = stored_rows + len(delta_ids)
         else:
             tier_entries = extend_tiers(store, base.tiers, [p["path"] for p in parts], stored_rows, job.run_id)

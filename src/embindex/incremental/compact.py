@@ -79,7 +79,7 @@ def _compact(store: Storage, base: Manifest, uri: str, log: Log) -> Manifest:
     index_cfg = IndexConfig.model_validate({**base.config.get("index", {}), "uri": uri, "storage": {}})
     paths = [s.path for s in shards]
     tier_entries, quality = build_tiers(store, paths, base.dim, [t.dim for t in base.tiers], index_cfg, run_id,
-                                        shard_rows=[s.rows for s in shards])
+                                        shard_rows=[s.rows for s in shards], vector_files=[s.vectors for s in shards])
     outputs = json.loads(json.dumps(base.outputs))
     mv = outputs.get("multivector")
     if mv and mv.get("token_index"):

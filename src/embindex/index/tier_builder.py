@@ -198,10 +198,11 @@ def _searcher(store: Storage, plan: TierPlan, n_per_shard: Sequence[int]):
 
 def build_tiers(store: Storage, shard_paths: Sequence[str], dim: int, tier_dims: Sequence[int],
                 cfg: IndexConfig, run_id: str, shard_rows: Sequence[int] | None = None,
-                ) -> tuple[list[TierEntry], dict]:
+                vector_files: Sequence[str | None] | None = None) -> tuple[list[TierEntry], dict]:
     """Write the FAISS files of every tier under the run's folder; return manifest entries and the quality report.
 
-    `shard_rows`: the shards' row counts where the caller knows them (else read from the footers)."""
+    `shard_rows`: the shards' row counts where the caller knows them (else read from the footers);
+    `vector_files`: the shards' row matrices (the quality step rescores candidates from them)."""
     t_start = time.perf_counter()
     scan = sample_shards(store, shard_paths, cfg.train_sample + cfg.quality_sample, dim, rows=shard_rows)
     n = scan.total
@@ -224,7 +225,7 @@ def build_tiers(store: Storage, shard_paths: Sequence[str], dim: int, tier_dims:
     searchers = {p.dim: _searcher(store, p, scan.rows) for p in plans}
     # a corpus that fits the sample is scored from memory; larger ones stream from Parquet
     load = (lambda: tiers.truncate(scan.vectors, dim)) if scan.complete else None
-    source = full_width_source(store, shard_paths, scan.rows, dim, load=load)
+    source = full_width_source(store, shard_paths, scan.rows, dim, load=load, vector_files=vector_files)
     queries = scan.vectors[q_pos].astype(np.float32)
     quality = quality_report(searchers, source, queries, scan.ordinals[q_pos], 10, cfg.rescore)
     del searchers
