@@ -82,7 +82,9 @@ def build_and_measure(root: str, paths: list[str], dim: int, tiers_: list[int], 
 
     from embindex.config import IndexConfig
     from embindex.index.tier_builder import build_tiers
-    from embindex.index.funnel import Funnel, ParquetVectors, Rescore, TierSearcher, exact_topk, open_tier
+    from embindex.index.funnel import Funnel, Rescore, exact_topk
+    from embindex.index.rescore_vectors import ParquetVectors
+    from embindex.index.tier_search import TierSearcher, open_tier
     from embindex.storage import Storage
 
     store = Storage(root)

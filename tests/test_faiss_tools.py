@@ -15,15 +15,9 @@ from embindex.index.filling import fill_index, list_sizes
 from embindex.index.merge import merge_ondisk
 from embindex.index.tier_io import read_ondisk
 from embindex.index.training import train_index
-from embindex.index.funnel import (
-    BLOCK_ROWS,
-    ArrayVectors,
-    ShardedIndex,
-    TierSearcher,
-    TierVectors,
-    exact_topk,
-    shards_index,
-)
+from embindex.index.funnel import exact_topk
+from embindex.index.rescore_vectors import BLOCK_ROWS, ArrayVectors, TierVectors
+from embindex.index.tier_search import ShardedIndex, TierSearcher, shards_index
 from embindex.index.selectors import RowFilter, search_parameters, supports_filter
 
 D = 32

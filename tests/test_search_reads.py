@@ -485,12 +485,12 @@ def test_text_search_on_a_built_index_reads_only_hit_shards(ray_cluster, tmp_pat
 def test_row_group_cache_smaller_than_one_query_needs(tmp_path):
     """Rows of more groups than the cache holds: each call still returns every row (caching a group must
     not evict one the same call still needs)."""
-    from embindex.index import funnel
+    from embindex.index import rescore_vectors
 
     x = clustered(1000).astype(np.float16)
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), DIM)
     pq.write_table(pa.table({"vector": vectors}), tmp_path / "s.parquet", row_group_size=100)
-    source = funnel.ParquetVectors(Storage(str(tmp_path)), ["s.parquet"], [1000], DIM,
+    source = rescore_vectors.ParquetVectors(Storage(str(tmp_path)), ["s.parquet"], [1000], DIM,
                                    group_cache_bytes=100 * DIM * 2)  # room for one group
     for rows in ([5, 150, 420, 999, 151], [420, 6, 998], [5]):
         np.testing.assert_array_equal(source.take(0, np.asarray(rows)), x[rows])

@@ -17,16 +17,9 @@ from embindex.index.sampling import sample_shards
 from embindex.index.tier_builder import build_tiers
 from embindex.index.tier_io import read_ondisk
 from embindex.index.training import train_index
-from embindex.index.funnel import (
-    ArrayVectors,
-    Funnel,
-    ParquetVectors,
-    Rescore,
-    ShardedIndex,
-    TierSearcher,
-    exact_topk,
-    open_tier,
-)
+from embindex.index.funnel import Funnel, Rescore, exact_topk
+from embindex.index.rescore_vectors import ArrayVectors, ParquetVectors
+from embindex.index.tier_search import ShardedIndex, TierSearcher, open_tier
 from embindex.storage import Storage
 
 DIM = 64

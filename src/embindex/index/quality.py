@@ -50,7 +50,7 @@ def quality_report(searchers: dict[int, Any], source: Any, queries: np.ndarray, 
                    k: int, rescore: int, tier_info: dict[int, dict[str, Any]] | None = None) -> dict:
     """recall@k (alone and rescored at full width from `source`) and batch latency of each tier, plus
     the default funnel (narrowest tier -> full width). `searchers`: dim -> TierSearcher; `source`: a
-    full-width vector source of index/funnel.py (ParquetVectors at build time)."""
+    full-width vector source of rescore_vectors.py (ParquetVectors at build time)."""
     nq = len(queries)
     if nq == 0 or not searchers:
         return {"k": k, "queries": 0, "rescore_factor": rescore, "tiers": {}}

@@ -9,7 +9,7 @@ several files) and on-disk lists:
     Flat, ScalarQuantizer (SQ8), HNSW* (Flat, SQ, PQ),                     filtered
     IVF* (Flat, SQ8, PQ, PQ fast scan; in memory or on disk)
     LSH ("Binary"), PQ or PQ fast scan without IVF, Refine, NSG, anything  not: FAISS raises on a
-    else; funnel.ShardedIndex (build time, shards loaded per search)       selector, callers over-fetch
+    else; tier_search.ShardedIndex (build time, shards loaded per search)       selector, callers over-fetch
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def sub_indexes(index: faiss.Index) -> list[faiss.Index]:
 
 def supports_filter(index: Any) -> bool:
     """Whether FAISS applies a selector inside this index's search (see the module docstring)."""
-    if not isinstance(index, faiss.Index):  # funnel.ShardedIndex
+    if not isinstance(index, faiss.Index):  # tier_search.ShardedIndex
         return False
     idx = faiss.downcast_index(index)
     if isinstance(idx, faiss.IndexShards):

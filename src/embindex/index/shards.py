@@ -168,7 +168,8 @@ def write_fragment(batch: pa.Table, root: str, storage: dict[str, Any], run_id: 
         n_docs = count_documents(docs)
         part = put_part(store, rel, docs)
         dtypes = pc.unique(batch.column(DTYPE_COLUMN)).to_pylist() if DTYPE_COLUMN in batch.column_names else []
-        records.append({"kind": "part", **part, "reasons": None, "tokens": _token_count(docs), "fragment": fragment, "documents": n_docs,
+        records.append({"kind": "part", **part, "reasons": None, "tokens": _token_count(docs),
+                        "fragment": fragment, "documents": n_docs,
                         "dtype": ", ".join(sorted(d for d in dtypes if d)) or None,
                         "stages": json.dumps(_generated_counts(docs, outputs)) if outputs else None,
                         "embed_s": None})

@@ -35,7 +35,8 @@ from . import layout, tiers
 from .factories import auto_factory, default_search_params, ivf_of, make_index, metric_name
 from ..ray_runtime import run_tasks
 from .filling import FillJob, fill_shard
-from .funnel import ShardedIndex, TierSearcher, full_width_source
+from .rescore_vectors import full_width_source
+from .tier_search import ShardedIndex, TierSearcher
 from .manifest import TierEntry
 from .merge import merge_ondisk
 from .quality import quality_report, split_queries

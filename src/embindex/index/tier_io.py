@@ -10,7 +10,7 @@ Layouts (TierEntry.layout; paths relative to the index root, next to the Parquet
 A reader opens tier files from local paths: a remote index's files are copied once into the tier
 cache (`TierCache`, content-addressed by the sha256 the manifest records per file, LRU-evicted past
 a size limit; $EMBINDEX_CACHE, $EMBINDEX_CACHE_MAX_MB), which every reader on the machine shares.
-On-disk lists are memory-mapped from there. Searching a tier (any layout) is search/funnel.py's job.
+On-disk lists are memory-mapped from there. Searching a tier (any layout) is tier_search.py's job.
 """
 
 from __future__ import annotations

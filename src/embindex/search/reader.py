@@ -33,7 +33,7 @@ from ..index.tier_io import TierCache
 from ..index.tombstones import read_tombstones, tombstone_mask
 from ..index.vector_io import ShardRows
 from ..storage import Storage, StorageOptions
-from ..index import funnel
+from ..index import funnel, rescore_vectors, tier_search
 from ..index.selectors import RowFilter, search_parameters, supports_filter
 
 DOC_COLUMNS = ["id", "meta", "chunk", "start", "end", "modality"]
@@ -95,7 +95,7 @@ class IndexReader:
         self._device = device
         self._embedder = None
         self._tiers: dict[int, Any] = {}
-        self._full: funnel.VectorSource | None = None  # full-width rows of the shortlists (row-group cache)
+        self._full: rescore_vectors.VectorSource | None = None  # full-width rows of the shortlists (row-group cache)
         self._doc_rows: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self._docs = None  # (ids, meta) of all rows, only when `ids` is asked for
         self._chunks: list[dict | None] = []
@@ -135,9 +135,9 @@ class IndexReader:
         return self.default_tier if tier is None else int(tier)
 
     def tier_index(self, dim: int):
-        """The tier's FAISS index (a `faiss.IndexShards` for a tier of several files, see funnel.open_tier)."""
+        """The tier's FAISS index (a `faiss.IndexShards` for a tier of several files, see tier_search.open_tier)."""
         if dim not in self._tiers:
-            self._tiers[dim] = funnel.open_tier(self.storage, self.manifest.tier(dim), self.tier_cache)
+            self._tiers[dim] = tier_search.open_tier(self.storage, self.manifest.tier(dim), self.tier_cache)
         return self._tiers[dim]
 
     def _load_docs(self) -> None:
@@ -193,17 +193,18 @@ class IndexReader:
         return self.rows.gather(ordinals, ["token_vectors"], shard_token_vectors)
 
     @property
-    def full_width(self) -> funnel.VectorSource:
+    def full_width(self) -> rescore_vectors.VectorSource:
         """What rescoring reads: vectors already in memory, else only the shortlisted rows: from each
         part's row matrix by offset, or (parts written without one) from Parquet, their row groups kept
         in an LRU cache of READER_GROUP_CACHE_BYTES."""
         if self._vectors is not None:
-            return funnel.ArrayVectors(self._vectors)
+            return rescore_vectors.ArrayVectors(self._vectors)
         if self._full is None:
             m = self.manifest
-            self._full = funnel.ParquetVectors(self.storage, self.rows.paths, [s.rows for s in m.shards], m.dim,
-                                               group_cache_bytes=funnel.READER_GROUP_CACHE_BYTES, rows=self.rows,
-                                               vector_files=[s.vectors for s in m.shards])
+            self._full = rescore_vectors.ParquetVectors(
+                self.storage, self.rows.paths, [s.rows for s in m.shards], m.dim,
+                group_cache_bytes=rescore_vectors.READER_GROUP_CACHE_BYTES, rows=self.rows,
+                vector_files=[s.vectors for s in m.shards])
         return self._full
 
     # -- search ---------------------------------------------------------------------------------
