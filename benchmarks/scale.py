@@ -83,12 +83,14 @@ def config(corpus: str, index: str, num_cpus: int, factory: str) -> dict:
 
 class AnonPeak:
     """Peak of the driver's anonymous resident memory (RssAnon: heap, arrays; not file pages a mapping
-    brought in, which ru_maxrss also counts), sampled every 0.2 s by a thread."""
+    brought in, which ru_maxrss also counts), sampled every 0.2 s by a thread, with the peaks of RssFile
+    (mapped files) and RssShmem (shared memory: Ray's object store) beside it."""
 
     def __init__(self) -> None:
         import threading
 
         self.peak_kb = 0
+        self.peaks_kb = {"RssAnon": 0, "RssFile": 0, "RssShmem": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -100,8 +102,10 @@ class AnonPeak:
     def sample(self) -> None:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
-                    self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+                key = line.split(":", 1)[0]
+                if key in self.peaks_kb:
+                    self.peaks_kb[key] = max(self.peaks_kb[key], int(line.split()[1]))
+        self.peak_kb = self.peaks_kb["RssAnon"]
 
     def stop_mb(self) -> float:
         self._stop.set()
@@ -125,6 +129,7 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps({
         "embindex": embindex.__file__, "wall_s": round(wall, 2), "driver_peak_rss_mb": round(rss_mb, 1),
         "driver_peak_anon_mb": round(anon_mb, 1),
+        "driver_peaks_mb": {k: round(v / 1024, 1) for k, v in anon.peaks_kb.items()},
         "timings": result.timings, "counts": result.counts,
         "fragments": (m.source or {}).get("fragments"), "shards": len(m.shards),
         "tiers": [(t.dim, t.factory, getattr(t, "layout", None)) for t in m.tiers],
