@@ -583,10 +583,10 @@ def simulated_cap(encoder: Any, cap_tokens: int) -> Iterator[dict[str, Any]]:
     """Without CUDA: a forward over more than `cap_tokens` padded tokens raises an out-of-memory RuntimeError."""
 
     def wrap(inner: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        def capped(input_ids: torch.Tensor, mask: torch.Tensor, task: Any = None) -> torch.Tensor:
+        def capped(input_ids: torch.Tensor, mask: torch.Tensor, *rest: Any) -> torch.Tensor:  # task, role
             if input_ids.numel() > cap_tokens:
                 raise RuntimeError(f"CUDA out of memory (simulated: {input_ids.numel()} padded tokens > {cap_tokens})")
-            return inner(input_ids, mask, task)
+            return inner(input_ids, mask, *rest)
         return capped
 
     with wrapped_forward(encoder, wrap):
@@ -601,11 +601,11 @@ def recorded_forwards(encoder: Any) -> Iterator[list[dict[str, Any]]]:
     attempts: list[dict[str, Any]] = []
 
     def wrap(inner: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        def forward(input_ids: torch.Tensor, mask: torch.Tensor, task: Any = None) -> torch.Tensor:
+        def forward(input_ids: torch.Tensor, mask: torch.Tensor, *rest: Any) -> torch.Tensor:  # task, role
             entry = {"rows": int(input_ids.shape[0]), "tokens": int(input_ids.numel()), "oom": False}
             attempts.append(entry)
             try:
-                return inner(input_ids, mask, task)
+                return inner(input_ids, mask, *rest)
             except Exception as e:
                 entry["oom"] = is_device_oom(e)
                 raise
