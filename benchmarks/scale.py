@@ -89,7 +89,6 @@ class AnonPeak:
     def __init__(self) -> None:
         import threading
 
-        self.peak_kb = 0
         self.peaks_kb = {"RssAnon": 0, "RssFile": 0, "RssShmem": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -105,13 +104,12 @@ class AnonPeak:
                 key = line.split(":", 1)[0]
                 if key in self.peaks_kb:
                     self.peaks_kb[key] = max(self.peaks_kb[key], int(line.split()[1]))
-        self.peak_kb = self.peaks_kb["RssAnon"]
 
     def stop_mb(self) -> float:
         self._stop.set()
         self._thread.join()
         self.sample()
-        return self.peak_kb / 1024
+        return self.peaks_kb["RssAnon"] / 1024
 
 
 def child(args: argparse.Namespace) -> None:
