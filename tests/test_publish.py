@@ -84,6 +84,29 @@ def test_conditional_primitives(store):
     assert not store.exists("a")
 
 
+def test_reads_of_a_file_another_writer_replaces_never_fail(store):
+    """`_latest` and `_published.json` are replaced while others read them: a read returns one whole
+    version, never an error (s3fs's file object checks the HEAD's ETag on its GET and raised
+    FileExpired when a writer replaced the object in between)."""
+    store.write_bytes("pointer", b"0" * 64)
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            store.write_bytes("pointer", str(i % 10).encode() * 64)
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        seen = {store.read_bytes("pointer") for _ in range(300)}
+    finally:
+        stop.set()
+        writer.join()
+    assert all(len(v) == 64 and len(set(v)) == 1 for v in seen)
+
+
 def test_non_conditional_store_needs_the_lease(tmp_path):
     store = Storage("memory://embindex-test-idx")
     assert not store.has_conditional_writes

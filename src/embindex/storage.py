@@ -203,8 +203,9 @@ class Storage:
         return self.fs.exists(self.fs_path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open(self.fs_path(rel), "rb") as f:
-            return f.read()
+        """The whole file in one GET: a file object's HEAD-then-GET fails (s3fs FileExpired) when
+        another writer replaces a pointer such as `_latest` in between."""
+        return self.fs.cat_file(self.fs_path(rel))
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
