@@ -11,15 +11,52 @@ merge; so the merge needs free disk for about twice the data file.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from .faiss_lib import faiss
 import numpy as np
 
+from ..storage import Storage, is_remote
+from . import tiers
 from .factories import ivf_of
 from .tier_io import quiet_stdout
+
+
+def stored_indexes(store: Storage, rels: Sequence[str]) -> Iterator[faiss.Index]:
+    """The indexes stored at `rels`, loaded one at a time (a merge holds one in memory)."""
+    for rel in rels:
+        yield tiers.deserialize(store.read_bytes(rel))
+
+
+@contextlib.contextmanager
+def staged_outputs(store: Storage, rels: Sequence[str]) -> Iterator[list[str]]:
+    """Local paths to write `rels` to, put in place when the block succeeds. Local roots stage in a
+    folder beside each destination, so a large data file is renamed into place, never copied; object
+    stores stage in a temporary folder and upload. Nothing is left at `rels` if the block fails."""
+    remote = is_remote(store.root)
+    staging: dict[str, str] = {}  # destination folder -> its staging folder
+    paths = []
+    try:
+        for rel in rels:
+            folder = os.path.dirname(store.fs_path(rel))
+            if folder not in staging:
+                if not remote:
+                    os.makedirs(folder, exist_ok=True)
+                staging[folder] = tempfile.mkdtemp(prefix=".staging-", dir=None if remote else folder)
+            paths.append(os.path.join(staging[folder], os.path.basename(rel)))
+        yield paths
+        for path, rel in zip(paths, rels):
+            if remote:
+                store.fs.put_file(path, store.fs_path(rel))
+            else:
+                os.replace(path, store.fs_path(rel))
+    finally:
+        for folder in staging.values():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _write_lists(shard: faiss.Index, path: str) -> None:

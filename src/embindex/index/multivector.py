@@ -23,7 +23,6 @@ every partial's lists).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import resource
 import shutil
@@ -41,7 +40,7 @@ from . import layout, tiers
 from .factories import ivf_nlist, ivf_of, make_index
 from ..ray_runtime import run_tasks
 from .filling import fill_index, list_sizes
-from .merge import merge_ondisk
+from .merge import merge_ondisk, staged_outputs, stored_indexes
 from .sampling import draw_positions, split_sample
 from .shards import read_table
 from .tier_io import TierCache, read_ondisk
@@ -147,12 +146,6 @@ def _check_flat_format(flat: faiss.Index) -> None:
                            "the streamed token index writer needs updating")
 
 
-def _partials(store: Storage, results: Sequence[dict[str, Any]]) -> Iterator[faiss.Index]:
-    """The partial indexes, loaded one at a time."""
-    for r in results:
-        yield tiers.deserialize(store.read_bytes(r["rel"]))
-
-
 def write_flat_idmap(out: BinaryIO, flat: faiss.Index, partials: Iterator[faiss.Index], ntotal: int) -> None:
     """Stream IndexIDMap2(`flat`) holding every partial's entries in order, one partial in memory at a
     time: headers, then the codes of each partial, then (from a side file) the ids."""
@@ -175,24 +168,6 @@ def write_flat_idmap(out: BinaryIO, flat: faiss.Index, partials: Iterator[faiss.
         shutil.copyfileobj(ids_file, out, 1 << 20)
 
 
-@contextlib.contextmanager
-def _local_output(store: Storage, rels: Sequence[str]) -> Iterator[list[str]]:
-    """Local paths to write `rels` to; on success they are moved into place (local) or uploaded (remote)."""
-    tmp = tempfile.mkdtemp(prefix="embindex-tokens-")
-    paths = [os.path.join(tmp, os.path.basename(r)) for r in rels]
-    try:
-        yield paths
-        for path, rel in zip(paths, rels):
-            dst = store.fs_path(rel)
-            if is_remote(store.root):
-                store.fs.put_file(path, dst)
-            else:
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                shutil.move(path, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def merge_token_partials(root: str, options: StorageOptions, trained: bytes, results: Sequence[dict[str, Any]],
                          rel: str) -> None:
     """Task: merge the partial token indexes into `rel` (Flat: one streamed IDMap2 file; IVF: header +
@@ -200,13 +175,13 @@ def merge_token_partials(root: str, options: StorageOptions, trained: bytes, res
     store = Storage(root, options)
     owner = tiers.deserialize(trained)
     index = faiss.downcast_index(owner)  # a view: `owner` keeps the C++ object alive
+    partials = stored_indexes(store, [r["rel"] for r in results])
     if ivf_of(index) is None:
-        with _local_output(store, [rel]) as (path,):
-            with open(path, "wb") as f:
-                write_flat_idmap(f, index, _partials(store, results), sum(r["ntotal"] for r in results))
+        with staged_outputs(store, [rel]) as (path,), open(path, "wb") as f:
+            write_flat_idmap(f, index, partials, sum(r["ntotal"] for r in results))
         return
-    with _local_output(store, [rel, layout.ivfdata_beside(rel)]) as (header_path, data_path):
-        merge_ondisk(index, _partials(store, results), [r["list_sizes"] for r in results], header_path, data_path)
+    with staged_outputs(store, [rel, layout.ivfdata_beside(rel)]) as paths:
+        merge_ondisk(index, partials, [r["list_sizes"] for r in results], *paths)
 
 
 def _train_tokens(store: Storage, shard_paths: Sequence[str], factory: str, dim: int, train_sample: int,

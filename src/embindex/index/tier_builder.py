@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import os
 import resource
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -30,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..config import IndexConfig
-from ..storage import Storage, StorageOptions, is_remote
+from ..storage import Storage, StorageOptions
 from . import layout, tiers
 from .factories import auto_factory, default_search_params, ivf_of, make_index, metric_name
 from ..ray_runtime import run_tasks
@@ -38,7 +36,7 @@ from .filling import FillJob, fill_shard
 from .rescore_vectors import full_width_source
 from .tier_search import ShardedIndex, TierSearcher
 from .manifest import TierEntry
-from .merge import merge_ondisk
+from .merge import merge_ondisk, staged_outputs, stored_indexes
 from .quality import quality_report, split_queries
 from .sampling import ShardScan, sample_shards
 from .tier_io import ONDISK, SHARDS, SINGLE, file_sha256
@@ -143,28 +141,12 @@ def merge_tier(root: str, options: StorageOptions, run_id: str, dim: int, result
     through a mapping, so its resident pages grow with the tier. Returns files, bytes, hashes, seconds."""
     t0 = time.perf_counter()
     store = Storage(root, options)
-    idx_rel, data_rel = layout.tier_path(run_id, dim), layout.tier_ivfdata_path(run_id, dim)
-    local = not is_remote(store.root)
-    workdir = os.path.dirname(store.fs_path(data_rel)) if local else tempfile.mkdtemp(prefix="embindex-merge-")
-    os.makedirs(workdir, exist_ok=True)
-    data_path = os.path.join(workdir, os.path.basename(data_rel))
-    header_tmp = tempfile.mkdtemp(prefix="embindex-hdr-")
-    header_path = os.path.join(header_tmp, os.path.basename(idx_rel))
-    try:
-        shards = (tiers.deserialize(store.read_bytes(r["rel"])) for r in results)
-        merge_ondisk(tiers.deserialize(trained[dim]), shards, [r["list_sizes"] for r in results], header_path,
-                     data_path)
-        with open(header_path, "rb") as f:
-            header = f.read()
-        store.write_bytes(idx_rel, header)
-        if not local:
-            store.fs.put_file(data_path, store.fs_path(data_rel))
-        out = {"files": [idx_rel, data_rel], "nbytes": len(header) + os.path.getsize(data_path),
-               "sha256": {idx_rel: hashlib.sha256(header).hexdigest(), data_rel: file_sha256(data_path)}}
-    finally:
-        shutil.rmtree(header_tmp, ignore_errors=True)
-        if not local:
-            shutil.rmtree(workdir, ignore_errors=True)
+    rels = [layout.tier_path(run_id, dim), layout.tier_ivfdata_path(run_id, dim)]
+    with staged_outputs(store, rels) as paths:
+        merge_ondisk(tiers.deserialize(trained[dim]), stored_indexes(store, [r["rel"] for r in results]),
+                     [r["list_sizes"] for r in results], *paths)
+        out = {"files": rels, "nbytes": sum(os.path.getsize(p) for p in paths),
+               "sha256": {rel: file_sha256(p) for rel, p in zip(rels, paths)}}
     for r in results:
         store.fs.rm(store.fs_path(r["rel"]))
     out.update(seconds=round(time.perf_counter() - t0, 3), peak_rss_mb=round(_peak_rss_mb(), 1))
