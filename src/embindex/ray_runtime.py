@@ -4,6 +4,7 @@ run plain tasks (`run_tasks`), tell retryable failures from deterministic ones (
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import signal
@@ -153,23 +154,37 @@ def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], shared: dict[str, 
     return ray.get([remote.remote(*call, **refs) for call in calls])
 
 
+class _FailureNarrative(logging.Filter):
+    """Drops Ray Data's account of a user-code failure, which embindex replaces with one line of its own
+    (`classify_failure`): "An exception was raised from a task of operator ... To ignore this exception and
+    continue, set DataContext.max_errored_blocks" (advice that would drop rows silently). Its internal
+    errors (logged with a traceback) and every other record pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is not None or "DataContext.max_errored_blocks" not in str(record.msg)
+
+
 def quiet_ray_data(progress: bool) -> Any:
-    """Ray Data without its periodic progress logs: bars only when asked for and stderr is a terminal.
-    Returns the DataContext for further settings."""
-    import logging
+    """Ray Data without its periodic progress logs (bars only when asked for and stderr is a terminal) and
+    without its narrative of a failed UDF, which the run reports in one line. Returns the DataContext."""
     import sys
 
     import ray.data
+    from ray.util.debug import log_once
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    executor_state = logging.getLogger("ray.data._internal.execution.streaming_executor_state")
+    if not any(isinstance(f, _FailureNarrative) for f in executor_state.filters):
+        executor_state.addFilter(_FailureNarrative())
+    # "Exception occurred in user code, with the abbreviated stack trace below": there is none below, the
+    # run prints the error's one line (the full trace stays in Ray Data's log file)
+    log_once("ray_data_exception_internal_hidden")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(progress and sys.stderr.isatty())
     ctx.verbose_progress = False
     if not ctx.enable_progress_bars:
         # embindex prints its own progress lines: Ray Data's one-time "Progress bars disabled. To enable..."
         # hint (logged under this log_once key) would only describe this deliberate setting
-        from ray.util.debug import log_once
-
         log_once("ray_data_progress_manager_disabled")
     return ctx
 
@@ -185,8 +200,21 @@ class ComputeThread:
         from concurrent.futures import ThreadPoolExecutor
 
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embindex-compute")
+        self._setup_error: BaseException | None = None
+
+    def setup(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run the actor's setup (model load, warm-up). What it raises is kept and raised by the first `run`,
+        not from the actor's constructor: Ray restarts an actor whose constructor raised and reports each
+        task pending on it, full traceback included, on the driver's stdout; raised from a call, the error
+        reaches the driver once, as that batch's exception, which `classify_failure` reads."""
+        try:
+            self.run(fn, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised by run()
+            self._setup_error = e
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._setup_error is not None:
+            raise self._setup_error
         return self._pool.submit(fn, *args, **kwargs).result()
 
 

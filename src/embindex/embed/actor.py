@@ -50,7 +50,7 @@ class EmbedActor:
                  torch_threads: int | None = None, progress: str | None = None, window: int | None = None,
                  window_overlap: int = 0):
         self._compute = ComputeThread()
-        self._compute.run(self._setup, model_json, outputs_json, task, batch_tokens, torch_threads,
+        self._compute.setup(self._setup, model_json, outputs_json, task, batch_tokens, torch_threads,
                           progress, window, window_overlap)
 
     def _setup(self, model_json: str, outputs_json: str, task: str | None, batch_tokens: int,

@@ -58,7 +58,7 @@ class SearchActor:
     def __init__(self, cfg_json: str, version: str, stages: list[tuple[str, int, int | None]], final: str,
                  content: str, depth: int, torch_threads: int | None = None):
         self._compute = ComputeThread()
-        self._compute.run(self._setup, cfg_json, version, content, depth, torch_threads)
+        self._compute.setup(self._setup, cfg_json, version, content, depth, torch_threads)
         self.stages, self.final = stages, final  # from `search_stages`, computed once by the driver
 
     def _setup(self, cfg_json: str, version: str, content: str, depth: int, torch_threads: int | None) -> None:
@@ -117,7 +117,7 @@ class RerankActor:
 
     def __init__(self, rerank_json: str, depth: int, torch_threads: int | None = None):
         self._compute = ComputeThread()
-        self._compute.run(self._setup, rerank_json, depth, torch_threads)
+        self._compute.setup(self._setup, rerank_json, depth, torch_threads)
 
     def _setup(self, rerank_json: str, depth: int, torch_threads: int | None) -> None:
         import torch

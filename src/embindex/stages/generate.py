@@ -58,7 +58,7 @@ class GenerateActor:
     def __init__(self, stage_json: str, family: str, modality: str, output: str, fingerprint: str,
                  torch_threads: int | None = None, device: str | None = None):
         self._compute = ComputeThread()
-        self._compute.run(self._setup, stage_json, family, modality, output, fingerprint, torch_threads, device)
+        self._compute.setup(self._setup, stage_json, family, modality, output, fingerprint, torch_threads, device)
 
     def _setup(self, stage_json: str, family: str, modality: str, output: str, fingerprint: str,
                torch_threads: int | None, device: str | None) -> None:
