@@ -81,10 +81,10 @@ def config(corpus: str, index: str, num_cpus: int, factory: str) -> dict:
     }
 
 
-class AnonPeak:
-    """Peak of the driver's anonymous resident memory (RssAnon: heap, arrays; not file pages a mapping
-    brought in, which ru_maxrss also counts), sampled every 0.2 s by a thread, with the peaks of RssFile
-    (mapped files) and RssShmem (shared memory: Ray's object store) beside it."""
+class RssPeaks:
+    """Peaks of the driver's resident memory by kind, sampled every 0.2 s by a thread: RssAnon (heap,
+    arrays), RssFile (mapped files) and RssShmem (shared memory: Ray's object store). ru_maxrss counts
+    all three; RssAnon is what grows with what the driver holds."""
 
     def __init__(self) -> None:
         import threading
@@ -105,11 +105,11 @@ class AnonPeak:
                 if key in self.peaks_kb:
                     self.peaks_kb[key] = max(self.peaks_kb[key], int(line.split()[1]))
 
-    def stop_mb(self) -> float:
+    def stop_mb(self) -> dict[str, float]:
         self._stop.set()
         self._thread.join()
         self.sample()
-        return self.peaks_kb["RssAnon"] / 1024
+        return {k: round(v / 1024, 1) for k, v in self.peaks_kb.items()}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -117,17 +117,16 @@ def child(args: argparse.Namespace) -> None:
     import embindex
 
     cfg = json.loads(args.child)
-    anon = AnonPeak()
+    peaks = RssPeaks()
     t = time.perf_counter()
     result = embindex.build(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
     wall = time.perf_counter() - t
-    anon_mb = anon.stop_mb()
+    peaks_mb = peaks.stop_mb()
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     m = result.manifest
     print("RESULT " + json.dumps({
         "embindex": embindex.__file__, "wall_s": round(wall, 2), "driver_peak_rss_mb": round(rss_mb, 1),
-        "driver_peak_anon_mb": round(anon_mb, 1),
-        "driver_peaks_mb": {k: round(v / 1024, 1) for k, v in anon.peaks_kb.items()},
+        "driver_peak_anon_mb": peaks_mb["RssAnon"], "driver_peaks_mb": peaks_mb,
         "timings": result.timings, "counts": result.counts,
         "fragments": (m.source or {}).get("fragments"), "shards": len(m.shards),
         "tiers": [(t.dim, t.factory, getattr(t, "layout", None)) for t in m.tiers],
